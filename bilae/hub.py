@@ -20,7 +20,9 @@ def resolve_checkpoint(repo_or_dir: str | Path, name: str, *, revision: str | No
         folder = local / name
         if not folder.is_dir():
             names = sorted(p.name for p in local.iterdir() if (p / CONFIG_FILE).is_file())
-            raise CheckpointError(f"no checkpoint named {name!r} in {local}; it holds {names or 'no checkpoints'}")
+            raise CheckpointError(
+                f"no checkpoint named {name!r} in {local}; it holds {names or 'no checkpoints'}"
+            )
         return folder
     return _download(str(repo_or_dir), name, revision)
 
@@ -30,9 +32,7 @@ def _download(repo: str, name: str, revision: str | None) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     if repo.count("/") != 1 or repo.startswith(("/", ".")):
-        raise CheckpointError(
-            f"{repo!r} is neither a local directory nor a hub repo id like 'owner/name'"
-        )
+        raise CheckpointError(f"{repo!r} is neither a local directory nor a hub repo id like 'owner/name'")
     paths = []
     for filename in (CONFIG_FILE, WEIGHTS_FILE):
         try:

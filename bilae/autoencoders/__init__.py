@@ -5,4 +5,13 @@ from bilae.autoencoders.bilinear import BilinearAutoencoder, Combined, Mixed, Or
 from bilae.autoencoders.config import AutoencoderConfig
 from bilae.autoencoders.topk import TopK
 
-__all__ = ["Autoencoder", "AutoencoderConfig", "BilinearAutoencoder", "Combined", "Mixed", "Ordered", "TopK", "Vanilla"]
+__all__ = [
+    "Autoencoder",
+    "AutoencoderConfig",
+    "BilinearAutoencoder",
+    "Combined",
+    "Mixed",
+    "Ordered",
+    "TopK",
+    "Vanilla",
+]

@@ -49,12 +49,25 @@ class Autoencoder(nn.Module):
     ) -> Autoencoder:
         """Build a freshly initialised autoencoder of ``kind`` (vanilla, ordered, mixed, combined or topk)."""
         cls = Autoencoder.resolve(kind)
-        allowed = set(AutoencoderConfig.fields()) - {"kind", "d_model", "layer", "expansion", "bottleneck", "alpha"}
+        allowed = set(AutoencoderConfig.fields()) - {
+            "kind",
+            "d_model",
+            "layer",
+            "expansion",
+            "bottleneck",
+            "alpha",
+        }
         bad = sorted(set(more) - allowed)
         if bad:
             raise unknown("autoencoder option", bad[0], allowed)
         config = AutoencoderConfig(
-            kind=kind, d_model=d_model, layer=layer, expansion=expansion, bottleneck=bottleneck, alpha=alpha, **more
+            kind=kind,
+            d_model=d_model,
+            layer=layer,
+            expansion=expansion,
+            bottleneck=bottleneck,
+            alpha=alpha,
+            **more,
         )
         return cls(cls.prepare_config(config))
 
@@ -93,7 +106,12 @@ class Autoencoder(nn.Module):
         return self.features(x)
 
     def loss(
-        self, x: Tensor, mask: Tensor | None = None, scale: float | Tensor = 1.0, *, return_features: bool = False
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        scale: float | Tensor = 1.0,
+        *,
+        return_features: bool = False,
     ) -> tuple[Tensor, Metrics] | tuple[Tensor, Metrics, Tensor]:
         """Training loss on activations ``x`` (..., d_model) with a token ``mask`` (...) of real tokens.
 
@@ -113,10 +131,14 @@ class Autoencoder(nn.Module):
             tokens = x.reshape(-1, x.shape[-1])
         else:
             if mask.shape != x.shape[:-1]:
-                raise UsageError(f"mask shape {tuple(mask.shape)} does not match activations {tuple(x.shape)}")
+                raise UsageError(
+                    f"mask shape {tuple(mask.shape)} does not match activations {tuple(x.shape)}"
+                )
             tokens = x[mask.bool()]
         if tokens.shape[0] == 0:
-            raise DataError(f"the batch has no real tokens (all {x[..., 0].numel()} are masked); nothing to fit")
+            raise DataError(
+                f"the batch has no real tokens (all {x[..., 0].numel()} are masked); nothing to fit"
+            )
         return tokens
 
     def _check_input(self, x: Tensor) -> None:
@@ -174,7 +196,9 @@ class Autoencoder(nn.Module):
         """
         from bilae.hub import resolve_checkpoint
 
-        return Autoencoder.load(resolve_checkpoint(repo_or_dir, name, revision=revision), device=device, dtype=dtype)
+        return Autoencoder.load(
+            resolve_checkpoint(repo_or_dir, name, revision=revision), device=device, dtype=dtype
+        )
 
     def _check_state(self, state: dict[str, Tensor], directory: str | Path) -> None:
         expected = {name: tuple(t.shape) for name, t in self.state_dict().items()}

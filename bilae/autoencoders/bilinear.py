@@ -57,7 +57,9 @@ class BilinearAutoencoder(Autoencoder):
         n = xhat.shape[0]
         f = self._features(xhat)
         target = xhat.square().sum(-1).square()
-        plain, train = L.reconstruction_sums(target, f, self.left, self.right, self.down, ordered=self.ordered)
+        plain, train = L.reconstruction_sums(
+            target, f, self.left, self.right, self.down, ordered=self.ordered
+        )
         density_per_latent = L.hoyer_density(f)
         if self.ordered:
             density = (density_per_latent * L.prefix_harmonics(f.shape[1], like=f)).mean()

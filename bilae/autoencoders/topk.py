@@ -52,8 +52,17 @@ class TopK(Autoencoder, kind="topk"):
         recon = self.decode(z)
         mse_x = (xhat - recon).square().sum(-1).mean()
         # ‖x̂x̂ᵀ − x̃x̃ᵀ‖²_F = ‖x̂‖⁴ − 2(x̂·x̃)² + ‖x̃‖⁴, without building d×d matrices.
-        product = xhat.square().sum(-1).square() - 2 * (xhat * recon).sum(-1).square() + recon.square().sum(-1).square()
+        product = (
+            xhat.square().sum(-1).square()
+            - 2 * (xhat * recon).sum(-1).square()
+            + recon.square().sum(-1).square()
+        )
         density = hoyer_density(z).mean()
         loss = mse_x + self.config.alpha * scale * density
-        metrics = {"mse": product.mean().detach(), "mse_x": mse_x.detach(), "recon": mse_x.detach(), "density": density.detach()}
+        metrics = {
+            "mse": product.mean().detach(),
+            "mse_x": mse_x.detach(),
+            "recon": mse_x.detach(),
+            "density": density.detach(),
+        }
         return loss, metrics, z
