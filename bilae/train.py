@@ -1,0 +1,179 @@
+"""``bilae-train``: the Hydra entry point that trains an autoencoder (see conf/train.yaml)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from bilae.autoencoders import Autoencoder
+from bilae.autoencoders.checkpoint import atomic_write_text
+from bilae.config import CONF_DIR
+from bilae.errors import BilaeError, UsageError
+from bilae.hooks import Harvester
+from bilae.lm import load_lm
+from bilae.module import BilinearAutoencoderModule
+from bilae.optim import OptimizerConfig
+
+log = logging.getLogger("bilae")
+
+
+def build_harvester(model_cfg: DictConfig) -> Harvester:
+    """Load the frozen LM named by the ``model`` config group and hook it at ``model.layer``."""
+    overrides = OmegaConf.to_container(model_cfg.get("overrides") or {}, resolve=True)
+    model, tokenizer = load_lm(
+        model_cfg.name,
+        dtype=model_cfg.dtype,
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+        **overrides,  # type: ignore[arg-type]
+    )
+    return Harvester(
+        model,
+        tokenizer,
+        model_cfg.layer,
+        exclude_special=model_cfg.exclude_special,
+        sink_factor=model_cfg.sink_factor,
+        layers_path=model_cfg.layers_path,
+    )
+
+
+def build_coder(cfg: DictConfig, d_model: int) -> Autoencoder:
+    """A fresh autoencoder sized for the hooked model."""
+    options: dict[str, Any] = OmegaConf.to_container(cfg.autoencoder, resolve=True)  # type: ignore[assignment]
+    kind = options.pop("kind")
+    return Autoencoder.from_config(kind, d_model=d_model, layer=cfg.model.layer, **options)
+
+
+def build(cfg: DictConfig) -> tuple[BilinearAutoencoderModule, L.LightningDataModule, L.Trainer]:
+    """Everything a run needs, instantiated from the composed config."""
+    harvester = build_harvester(cfg.model)
+    coder = build_coder(cfg, harvester.d_model)
+    datamodule = build_datamodule(cfg, harvester.tokenizer)
+    module = BilinearAutoencoderModule(
+        coder,
+        harvester,
+        optimizer=OptimizerConfig(**cfg.optimizer),
+        max_steps=cfg.steps,
+        alpha_warmup=cfg.alpha_warmup,
+        grad_clip=cfg.grad_clip,
+        buffer=build_buffer(cfg),
+    )
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    return module, datamodule, trainer
+
+
+def build_datamodule(cfg: DictConfig, tokenizer: Any) -> L.LightningDataModule:
+    return instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed, _convert_="all")
+
+
+def build_buffer(cfg: DictConfig) -> Any:
+    from bilae.data import ShuffleBuffer
+
+    if not cfg.buffer_tokens:
+        return None
+    return ShuffleBuffer(capacity=cfg.buffer_tokens, seed=cfg.seed)
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train, validate, export; returns the final metrics (also written to ``metrics.json``)."""
+    L.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.paths.output_dir)
+    module, datamodule, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg, out))
+    final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    metrics = summarize(trainer, final)
+    if trainer.is_global_zero:
+        if cfg.export:
+            export(module, trainer, out, cfg)
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        report_locations(out, trainer)
+    return metrics
+
+
+def resolve_ckpt_path(cfg: DictConfig, out: Path) -> str | None:
+    """``ckpt_path=last`` means this run directory's last checkpoint; any other value must exist."""
+    if cfg.ckpt_path is None:
+        return None
+    path = out / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise UsageError(f"ckpt_path {str(path)!r} does not exist; give a Lightning .ckpt file written by bilae-train")
+    return str(path)
+
+
+def summarize(trainer: L.Trainer, final: dict[str, Any]) -> dict[str, float]:
+    keep = ("train/mse", "train/density", "train/loss", "val/mse", "val/density", "train/tokens_seen")
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in keep}
+    metrics |= {k: float(v) for k, v in final.items() if k in keep}
+    metrics["steps"] = float(trainer.global_step)
+    return metrics
+
+
+def export(module: BilinearAutoencoderModule, trainer: L.Trainer, out: Path, cfg: DictConfig) -> Path:
+    """Write the final autoencoder (and the best by val/mse) in the hub layout ``<dir>/<name>/``."""
+    name = module.coder.config.name
+    final = module.coder.save(out / "autoencoder" / name)
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+    if best:
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        coder = Autoencoder.resolve(module.coder.kind)(module.coder.config)
+        coder.load_state_dict({k.removeprefix("coder."): v for k, v in state.items() if k.startswith("coder.")})
+        coder.save(out / "autoencoder-best" / name)
+    if cfg.log_artifact:
+        log_artifact(trainer, final, name)
+    return final
+
+
+def log_artifact(trainer: L.Trainer, folder: Path, name: str) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            artifact = wandb.Artifact(name, type="autoencoder")
+            artifact.add_dir(str(folder))
+            logger.experiment.log_artifact(artifact)
+
+
+def report_locations(out: Path, trainer: L.Trainer) -> None:
+    lines = [f"run directory:  {out}"]
+    if trainer.checkpoint_callback is not None and getattr(trainer.checkpoint_callback, "last_model_path", ""):
+        lines.append(f"checkpoint:     {trainer.checkpoint_callback.last_model_path}")
+    for folder in sorted(out.glob("autoencoder*/*")):
+        lines.append(f"autoencoder:    {folder}")
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            lines.append(f"W&B run:        {logger.experiment.dir}  (offline: `wandb sync` uploads it)")
+    for report in sorted(out.glob("report*.html")):
+        lines.append(f"report:         {report}")
+    print("\n".join(lines), flush=True)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def _main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = run(cfg)
+    except BilaeError as err:
+        print(f"bilae-train: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    return metrics.get("val/mse")
+
+
+def main() -> None:
+    """Console script ``bilae-train``."""
+    _main()
+
+
+if __name__ == "__main__":
+    main()
