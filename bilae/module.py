@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -59,7 +60,18 @@ class BilinearAutoencoderModule(L.LightningModule):
         self.automatic_optimization = False  # Muon for matrices and AdamW for vectors are two optimisers.
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
         self.register_buffer("steps_since_active", torch.zeros(coder.d_features, dtype=torch.long))
-        self.save_hyperparameters(ignore=["coder", "harvester", "buffer"])
+        # Plain types only, so Lightning checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "optimizer": asdict(self.optimizer_config),
+                "max_steps": max_steps,
+                "alpha_warmup": alpha_warmup,
+                "grad_clip": grad_clip,
+                "dead_window": dead_window,
+                "dead_threshold": dead_threshold,
+                "autoencoder": coder.config.to_dict(),
+            }
+        )
 
     # ------------------------------------------------------------------------------------------ data flow
     def setup(self, stage: str) -> None:
@@ -75,8 +87,22 @@ class BilinearAutoencoderModule(L.LightningModule):
         if "acts" in batch:
             return batch["acts"], batch["mask"].bool()
         if self.harvester is None:
-            raise ValueError("batches hold tokens but this module has no harvester (the LM) to turn them into activations")
+            raise ValueError(
+                "batches hold tokens but this module has no harvester (the LM) to turn them into activations"
+            )
         return self.harvester(batch["input_ids"], batch["attention_mask"])
+
+    def mix(self, acts: Tensor, mask: Tensor) -> Tensor:
+        """Push a batch's real tokens into the shuffling buffer and draw as many random ones back.
+
+        While the buffer is below half its capacity it keeps half of what comes in, so it fills over the first
+        steps and then holds a steady reserve of tokens from many earlier sequences.
+        """
+        before = len(self.buffer)
+        self.buffer.push(acts, mask)
+        pushed = len(self.buffer) - before
+        warm = len(self.buffer) >= self.buffer.capacity // 2
+        return self.buffer.pop(pushed if warm else max(1, pushed // 2))
 
     def alpha_scale(self) -> float:
         """Warm-up factor s(t) = min(1, t / warmup) of the sparsity term."""
@@ -88,9 +114,7 @@ class BilinearAutoencoderModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         acts, mask = self.activations(batch)
         if self.buffer is not None:
-            self.buffer.push(acts, mask)
-            acts = self.buffer.pop(int(mask.numel()))
-            mask = None
+            acts, mask = self.mix(acts, mask), None
         scale = self.alpha_scale()
         loss, metrics, f = self.coder.loss(acts, mask, scale=scale, return_features=True)
         self._step(loss)

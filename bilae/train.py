@@ -11,13 +11,14 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from bilae.autoencoders import Autoencoder
 from bilae.autoencoders.checkpoint import atomic_write_text
 from bilae.config import CONF_DIR
-from bilae.errors import BilaeError, UsageError
+from bilae.errors import BilaeError, CheckpointError, UsageError
 from bilae.hooks import Harvester
 from bilae.lm import load_lm
 from bilae.module import BilinearAutoencoderModule
@@ -28,7 +29,7 @@ log = logging.getLogger("bilae")
 
 def build_harvester(model_cfg: DictConfig) -> Harvester:
     """Load the frozen LM named by the ``model`` config group and hook it at ``model.layer``."""
-    overrides = OmegaConf.to_container(model_cfg.get("overrides") or {}, resolve=True)
+    overrides = OmegaConf.to_container(model_cfg.overrides, resolve=True)
     model, tokenizer = load_lm(
         model_cfg.name,
         dtype=model_cfg.dtype,
@@ -53,10 +54,35 @@ def build_coder(cfg: DictConfig, d_model: int) -> Autoencoder:
     return Autoencoder.from_config(kind, d_model=d_model, layer=cfg.model.layer, **options)
 
 
+def load_coder(path: str, harvester: Harvester) -> Autoencoder:
+    """An exported autoencoder to continue from; it must have been trained on this model and layer."""
+    coder = Autoencoder.load(path)
+    check_coder_fits(coder, harvester, source=str(path))
+    return coder
+
+
+def check_coder_fits(coder: Autoencoder, harvester: Harvester, *, source: str) -> None:
+    """Refuse an autoencoder whose d_model or layer differs from the hooked model's."""
+    name = getattr(harvester.model, "name_or_path", "") or type(harvester.model).__name__
+    if coder.config.d_model != harvester.d_model:
+        raise CheckpointError(
+            f"autoencoder {source} has d_model {coder.config.d_model}, but model {name!r} has d_model "
+            f"{harvester.d_model}; use a checkpoint trained on this model"
+        )
+    if coder.config.layer != harvester.layer:
+        raise CheckpointError(
+            f"autoencoder {source} was trained at layer {coder.config.layer}, but the model is hooked at layer "
+            f"{harvester.layer}; set model.layer={coder.config.layer} or use a checkpoint for layer {harvester.layer}"
+        )
+
+
 def build(cfg: DictConfig) -> tuple[BilinearAutoencoderModule, L.LightningDataModule, L.Trainer]:
-    """Everything a run needs, instantiated from the composed config."""
+    """Everything a run needs, instantiated from the composed config (seeded, so builds are reproducible)."""
+    L.seed_everything(cfg.seed, workers=True)
     harvester = build_harvester(cfg.model)
-    coder = build_coder(cfg, harvester.d_model)
+    coder = (
+        load_coder(cfg.init_from, harvester) if cfg.get("init_from") else build_coder(cfg, harvester.d_model)
+    )
     datamodule = build_datamodule(cfg, harvester.tokenizer)
     module = BilinearAutoencoderModule(
         coder,
@@ -67,14 +93,24 @@ def build(cfg: DictConfig) -> tuple[BilinearAutoencoderModule, L.LightningDataMo
         grad_clip=cfg.grad_clip,
         buffer=build_buffer(cfg),
     )
-    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
-    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    loggers = [instantiate_clean(c) for c in (cfg.logger or {}).values()]
+    callbacks = [instantiate_clean(c) for c in (cfg.callbacks or {}).values()]
+    trainer = instantiate_clean(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     return module, datamodule, trainer
 
 
 def build_datamodule(cfg: DictConfig, tokenizer: Any) -> L.LightningDataModule:
-    return instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed, _convert_="all")
+    return instantiate_clean(cfg.data, tokenizer=tokenizer, seed=cfg.seed, _convert_="all")
+
+
+def instantiate_clean(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets bilae's own errors through unwrapped (one clear message)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, BilaeError):
+            raise err.__cause__ from None
+        raise
 
 
 def build_buffer(cfg: DictConfig) -> Any:
@@ -87,12 +123,12 @@ def build_buffer(cfg: DictConfig) -> Any:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train, validate, export; returns the final metrics (also written to ``metrics.json``)."""
-    L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     module, datamodule, trainer = build(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg, out))
+    trained = dict(trainer.callback_metrics)  # validate() below resets callback_metrics
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-    metrics = summarize(trainer, final)
+    metrics = summarize(trained, final, trainer.global_step)
     if trainer.is_global_zero:
         if cfg.export:
             export(module, trainer, out, cfg)
@@ -107,15 +143,17 @@ def resolve_ckpt_path(cfg: DictConfig, out: Path) -> str | None:
         return None
     path = out / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
     if not path.is_file():
-        raise UsageError(f"ckpt_path {str(path)!r} does not exist; give a Lightning .ckpt file written by bilae-train")
+        raise UsageError(
+            f"ckpt_path {str(path)!r} does not exist; give a Lightning .ckpt file written by bilae-train"
+        )
     return str(path)
 
 
-def summarize(trainer: L.Trainer, final: dict[str, Any]) -> dict[str, float]:
+def summarize(trained: dict[str, Any], final: dict[str, Any], steps: int) -> dict[str, float]:
+    """The numbers a sweep compares: last training step's metrics and the final validation."""
     keep = ("train/mse", "train/density", "train/loss", "val/mse", "val/density", "train/tokens_seen")
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in keep}
-    metrics |= {k: float(v) for k, v in final.items() if k in keep}
-    metrics["steps"] = float(trainer.global_step)
+    metrics = {k: float(v) for k, v in {**trained, **final}.items() if k in keep}
+    metrics["steps"] = float(steps)
     return metrics
 
 
@@ -127,7 +165,9 @@ def export(module: BilinearAutoencoderModule, trainer: L.Trainer, out: Path, cfg
     if best:
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         coder = Autoencoder.resolve(module.coder.kind)(module.coder.config)
-        coder.load_state_dict({k.removeprefix("coder."): v for k, v in state.items() if k.startswith("coder.")})
+        coder.load_state_dict(
+            {k.removeprefix("coder."): v for k, v in state.items() if k.startswith("coder.")}
+        )
         coder.save(out / "autoencoder-best" / name)
     if cfg.log_artifact:
         log_artifact(trainer, final, name)
@@ -148,7 +188,9 @@ def log_artifact(trainer: L.Trainer, folder: Path, name: str) -> None:
 
 def report_locations(out: Path, trainer: L.Trainer) -> None:
     lines = [f"run directory:  {out}"]
-    if trainer.checkpoint_callback is not None and getattr(trainer.checkpoint_callback, "last_model_path", ""):
+    if trainer.checkpoint_callback is not None and getattr(
+        trainer.checkpoint_callback, "last_model_path", ""
+    ):
         lines.append(f"checkpoint:     {trainer.checkpoint_callback.last_model_path}")
     for folder in sorted(out.glob("autoencoder*/*")):
         lines.append(f"autoencoder:    {folder}")
