@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from bilae.autoencoders import fast_loss
 from bilae.autoencoders import loss as L
 from bilae.autoencoders.base import Autoencoder, Metrics
 from bilae.autoencoders.config import AutoencoderConfig
@@ -24,6 +25,8 @@ class BilinearAutoencoder(Autoencoder):
 
     ordered: ClassVar[bool] = False
     mixing: ClassVar[bool] = False
+    fast: bool = True
+    """Use the fast exact loss (``fast_loss.py``); ``coder.fast = False`` selects the reference ``loss.py``."""
 
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__(config)
@@ -57,9 +60,8 @@ class BilinearAutoencoder(Autoencoder):
         n = xhat.shape[0]
         f = self._features(xhat)
         target = xhat.square().sum(-1).square()
-        plain, train = L.reconstruction_sums(
-            target, f, self.left, self.right, self.down, ordered=self.ordered
-        )
+        sums = fast_loss.reconstruction_sums if self.fast else L.reconstruction_sums
+        plain, train = sums(target, f, self.left, self.right, self.down, ordered=self.ordered)
         density_per_latent = L.hoyer_density(f)
         if self.ordered:
             density = (density_per_latent * L.prefix_harmonics(f.shape[1], like=f)).mean()

@@ -1,0 +1,316 @@
+"""Benchmarks of bilae's hot paths, measured side by side in one run.
+
+    python scripts/bench.py --json bench.json            # full run (the paper-size memory step takes minutes)
+    python scripts/bench.py --quick --json quick.json    # tiny sizes, seconds; CI checks keys and fast == reference
+
+Each section is a function ``section(args) -> dict`` returning named figures; ``SECTIONS`` lists them in order, so
+a new benchmark (harvest, cache, multi-coder, ...) is one more function there.  Every section also returns
+``checks``: names of correctness checks that failed (the script exits non-zero if any did).
+
+Figures of the loss section (fp32, torch's default thread count):
+
+* ``loss_speedup_vs_reference`` — median wall time of forward + backward of a reference implementation of the same
+  maths (tiled ``torch.einsum`` over tile pairs I ≤ J with the opt_einsum backend, off-diagonal pairs weighted 2,
+  plain autograd) divided by that of ``bilae.autoencoders.fast_loss``; vanilla kind (the mixed kind is an extra row).
+* ``loss_fraction_of_matmul_peak`` — useful FLOP/s of the fast loss ÷ FLOP/s of one large ``torch.mm``.
+* ``peak_rss_gib`` / ``peak_rss_bound_gib`` / ``peak_rss_ratio`` — peak resident memory of one training step at paper
+  size (in a fresh subprocess) against the tensors that step must hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bilae.autoencoders import fast_loss
+
+GIB = 2**30
+
+USEFUL_FLOPS = """useful FLOPs (one multiply-add = 2; N tokens, m latents, d width, b bottleneck rows), the exact
+maths by the minimal algorithm, symmetric m x m products counted once (half of a general matmul):
+  vanilla: forward  S = FᵀF (N m²) + P = LLᵀ, Q = RRᵀ (m² d each)
+           backward F K (2 N m²) + (S∘Q)L, (S∘P)R (2 m² d each)            total 3 N m² + 6 m² d
+  mixed:   forward  H = F Dᵀ (2 N m b) + HᵀH (N b²) + (HᵀH)D (2 b² m) + Dᵀ(HᵀH D) (b m²) + P, Q (2 m² d)
+           backward D K (2 b m²) + D K Dᵀ (2 b² m) + H C (2 N b²) + HᵀH (D K) (2 b² m) + 4 m² d + dF, dD (4 N m b)
+  elementwise O(m² + N m) work, the features and the density term are not counted."""
+
+
+# ------------------------------------------------------------------------------------------ reference
+def reference_quadratic(h: Tensor, left: Tensor, right: Tensor, down: Tensor | None, tile: int) -> Tensor:
+    """Σ_n g_nᵀ K g_n by tiled einsum over tile pairs I ≤ J (weight 2 off the diagonal, 1 on it); plain autograd.
+
+    Per pair: K_IJ = (L_I L_Jᵀ) ∘ (R_I R_Jᵀ), then one einsum of the tokens (or of the bottleneck Gram) with it.
+    The pieces are written so that opt_einsum finds GEMM paths (a single six-operand einsum makes it build a
+    T × T × d intermediate).
+    """
+    ls, rs = left.split(tile), right.split(tile)
+    if down is None:
+        hs = h.split(tile, dim=1)
+
+        def term(i: int, j: int, k: Tensor) -> Tensor:
+            return torch.einsum("ni,nj,ij->", hs[i], hs[j], k)
+    else:
+        ys, ds = (h.T @ h @ down).split(tile, dim=1), down.split(tile, dim=1)  # (HᵀH) D once, (b, m)
+
+        def term(i: int, j: int, k: Tensor) -> Tensor:
+            return torch.einsum("ai,aj,ij->", ys[i], ds[j], k)
+
+    total = h.new_zeros(())
+    for i in range(len(ls)):
+        for j in range(i, len(ls)):
+            k = torch.einsum("id,jd->ij", ls[i], ls[j]) * torch.einsum("ie,je->ij", rs[i], rs[j])
+            total = total + (1.0 if i == j else 2.0) * term(i, j, k)
+    return total
+
+
+def reference_loss(f: Tensor, left: Tensor, right: Tensor, down: Tensor | None, tile: int) -> Tensor:
+    """Token-summed plain reconstruction error N − 2 Σ g·f + Σ gᵀKg (‖x̂‖⁴ = 1) with the tiled-einsum quadratic."""
+    h = f if down is None else f @ down.T
+    return f.shape[0] - 2.0 * h.square().sum() + reference_quadratic(h, left, right, down, tile)
+
+
+def fast_total(f: Tensor, left: Tensor, right: Tensor, down: Tensor | None, tile: int) -> Tensor:
+    target = torch.ones(f.shape[0], dtype=f.dtype)
+    return fast_loss.reconstruction_sums(target, f, left, right, down, ordered=False, tile=tile)[1]
+
+
+def useful_flops(n: int, m: int, d: int, b: int | None) -> float:
+    """FLOPs of forward + backward of the quadratic loss by the minimal algorithm (see USEFUL_FLOPS)."""
+    if b is None:
+        return 3.0 * n * m * m + 6.0 * m * m * d
+    return (2 * n * m * b + n * b * b + 2 * b * b * m + b * m * m + 2 * m * m * d) + (
+        2 * b * m * m + 4 * b * b * m + 2 * n * b * b + 4 * m * m * d + 4 * n * m * b
+    )
+
+
+# --------------------------------------------------------------------------------------------- timing
+def _inputs(n: int, m: int, d: int, b: int | None, seed: int = 0) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen)
+    x = x / x.norm(dim=1, keepdim=True)
+    left = torch.randn(m, d, generator=gen) / math.sqrt(d)
+    right = torch.randn(m, d, generator=gen) / math.sqrt(d)
+    f = ((x @ left.T) * (x @ right.T)).requires_grad_()
+    tensors = [f, left.requires_grad_(), right.requires_grad_()]
+    if b is not None:
+        tensors.append((torch.randn(b, m, generator=gen) / math.sqrt(m)).requires_grad_())
+    return tensors
+
+
+def _step(fn: Callable[..., Tensor], tensors: list[Tensor], tile: int) -> tuple[float, Tensor, list[Tensor]]:
+    """One timed forward + backward; returns (seconds, value, grads)."""
+    down = tensors[3] if len(tensors) > 3 else None
+    start = time.perf_counter()
+    value = fn(tensors[0], tensors[1], tensors[2], down, tile)
+    grads = torch.autograd.grad(value, tensors)
+    return time.perf_counter() - start, value.detach(), list(grads)
+
+
+def _agree(a: tuple[Tensor, list[Tensor]], b: tuple[Tensor, list[Tensor]], rtol: float) -> bool:
+    pairs = [(a[0], b[0]), *zip(a[1], b[1])]
+    return all(float((u - v).abs().max()) <= rtol * float(u.abs().max()) for u, v in pairs)
+
+
+def compare(
+    n: int, m: int, d: int, b: int | None, *, tile: int, ref_tile: int, repeats: int, mm_size: int
+) -> dict[str, Any]:
+    """Interleaved repeats (after one warm-up each) of the fast loss, the reference and a large matmul.
+
+    Returns the medians of the fast and reference seconds, the median over repeats of the fast loss's useful
+    FLOP/s divided by the FLOP/s of the matmul timed right beside it, and whether fast == reference.
+    """
+    tensors = _inputs(n, m, d, b)
+    _, *fast_out = _step(fast_total, tensors, tile)
+    _, *ref_out = _step(reference_loss, tensors, ref_tile)
+    ok = _agree((ref_out[0], ref_out[1]), (fast_out[0], fast_out[1]), rtol=1e-4)
+    a, c = torch.randn(mm_size, mm_size), torch.randn(mm_size, mm_size)
+    a @ c
+    fast, ref, mm = [], [], []
+    for r in range(repeats):
+        order = [(fast_total, fast, tile), (reference_loss, ref, ref_tile)]
+        for fn, into, t in order if r % 2 == 0 else order[::-1]:
+            into.append(_step(fn, tensors, t)[0])
+        start = time.perf_counter()
+        a @ c
+        mm.append(time.perf_counter() - start)
+    flops = useful_flops(n, m, d, b)
+    return {
+        "fast": statistics.median(fast),
+        "reference": statistics.median(ref),
+        "peak": 2.0 * mm_size**3 / statistics.median(mm),
+        "fraction": statistics.median((flops / f) / (2.0 * mm_size**3 / t) for f, t in zip(fast, mm)),
+        "ok": ok,
+    }
+
+
+# ------------------------------------------------------------------------------------------- sections
+def section_loss(args: argparse.Namespace) -> dict[str, Any]:
+    """Fast loss vs the tiled-einsum reference (vanilla and mixed), and its fraction of matmul peak."""
+    n, m, d = (64, 96, 16) if args.quick else (args.tokens, args.features, args.width)
+    b = max(1, m // 8)
+    tile, ref_tile = (16, 32) if args.quick else (args.tile, args.ref_tile)
+    sizes = {"repeats": 3 if args.quick else args.repeats, "mm_size": 256 if args.quick else args.mm_size}
+    out: dict[str, Any] = {"loss_shape": {"N": n, "m": m, "d": d, "b": b, "tile": tile, "ref_tile": ref_tile}}
+    out["checks"] = []
+    for kind, bottleneck, prefix in (("vanilla", None, "loss"), ("mixed", b, "loss_mixed")):
+        res = compare(n, m, d, bottleneck, tile=tile, ref_tile=ref_tile, **sizes)
+        out[f"{prefix}_seconds_fast"] = res["fast"]
+        out[f"{prefix}_seconds_reference"] = res["reference"]
+        out[f"{prefix}_speedup_vs_reference"] = res["reference"] / res["fast"]
+        out[f"{prefix}_gflops"] = useful_flops(n, m, d, bottleneck) / res["fast"] / 1e9
+        out[f"{prefix}_matmul_peak_gflops"] = res["peak"] / 1e9
+        out[f"{prefix}_fraction_of_matmul_peak"] = res["fraction"]
+        if not res["ok"]:
+            out["checks"].append(f"{kind}: fast != reference")
+    return out
+
+
+def paper_step_bound(n: int, m: int, d: int, tile: int) -> dict[str, float]:
+    """Bytes of the tensors one vanilla training step must hold at its peak: inside the loss's backward.
+
+    Then alive: the parameters and their gradients, x̂, the features' saved factors X Lᵀ and X Rᵀ, F (saved by
+    the loss), the kept upper-triangle blocks of S = FᵀF, P = LLᵀ, Q = RRᵀ, dF and two scratch blocks.  (The
+    features' backward, later, holds X Lᵀ, X Rᵀ, dF and their two gradients: 5 N m floats, less than this.)
+    """
+    f32 = 4
+    parts = fast_loss.blocks(m, tile)
+    kept = sum((r[1] - r[0]) * (c[1] - c[0]) for r, c in parts)
+    scratch = 2 * max((r[1] - r[0]) * (c[1] - c[0]) for r, c in parts)
+    return {
+        "params L, R and their grads": 4 * m * d * f32,
+        "x̂": n * d * f32,
+        "X Lᵀ, X Rᵀ (saved for the features' backward)": 2 * n * m * f32,
+        "F": n * m * f32,
+        "dF": n * m * f32,
+        "blocks I ≤ J of S = FᵀF, P = LLᵀ, Q = RRᵀ": 3 * kept * f32,
+        "two scratch blocks": scratch * f32,
+    }
+
+
+def peak_rss_gib() -> float:
+    """This process's resident-memory high-water mark (VmHWM, reset by exec, unlike ru_maxrss after a fork)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def paper_step(n: int, m: int, d: int, tile: int) -> dict[str, float]:
+    """One training step (features, fast loss, backward) in this process; returns its peak RSS in GiB."""
+    torch.manual_seed(0)
+    baseline = peak_rss_gib()
+    x = torch.randn(n, d)
+    x = x / x.norm(dim=1, keepdim=True)
+    left = torch.nn.Parameter(torch.randn(m, d) / math.sqrt(d))
+    right = torch.nn.Parameter(torch.randn(m, d) / math.sqrt(d))
+    start = time.perf_counter()
+    f = (x @ left.T) * (x @ right.T)
+    target = torch.ones(n)
+    _, train = fast_loss.reconstruction_sums(target, f, left, right, None, ordered=False, tile=tile)
+    del f
+    train.backward()
+    seconds = time.perf_counter() - start
+    return {"peak_rss_gib": peak_rss_gib(), "baseline_rss_gib": baseline, "seconds": seconds}
+
+
+def section_paper_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak RSS of one paper-size training step, measured in a fresh subprocess, against its tensor bound."""
+    if args.quick or args.skip_paper:
+        return {"checks": []}
+    n, m, d = 8192, 16384, 1024
+    cmd = [sys.executable, __file__, "--paper-step", str(args.tile)]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    bound = paper_step_bound(n, m, d, args.tile)
+    bound_gib = sum(bound.values()) / GIB
+    return {
+        "peak_rss_gib": measured["peak_rss_gib"],
+        "peak_rss_baseline_gib": measured["baseline_rss_gib"],
+        "paper_step_seconds": measured["seconds"],
+        "peak_rss_bound_gib": bound_gib,
+        "peak_rss_bound_terms_gib": {k: v / GIB for k, v in bound.items()},
+        "peak_rss_ratio": measured["peak_rss_gib"] / bound_gib,
+        "checks": [],
+    }
+
+
+SECTIONS: list[Callable[[argparse.Namespace], dict[str, Any]]] = [section_loss, section_paper_memory]
+REQUIRED_KEYS = ["loss_speedup_vs_reference", "loss_fraction_of_matmul_peak"]
+PAPER_KEYS = ["peak_rss_gib", "peak_rss_bound_gib", "peak_rss_ratio"]
+
+
+# ---------------------------------------------------------------------------------------------- output
+def print_table(results: dict[str, Any]) -> None:
+    width = max(len(k) for k in results)
+    print(f"{'key':<{width}}  value")
+    print(f"{'-' * width}  -----")
+    for key, value in results.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        elif isinstance(value, dict):
+            value = ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items()
+            )
+        print(f"{key:<{width}}  {value}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds); for CI")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--skip-paper", action="store_true", help="skip the paper-size memory step")
+    parser.add_argument("--tokens", type=int, default=2048, help="N for the loss timing")
+    parser.add_argument("--features", type=int, default=4096, help="m for the loss timing")
+    parser.add_argument("--width", type=int, default=256, help="d for the loss timing")
+    parser.add_argument(
+        "--tile", type=int, default=fast_loss.DEFAULT_TILE, help="diagonal block width of the fast loss"
+    )
+    parser.add_argument("--ref-tile", type=int, default=1024, help="tile of the tiled-einsum reference")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
+    parser.add_argument("--mm-size", type=int, default=4096, help="size of the peak-FLOP/s matmul")
+    parser.add_argument("--paper-step", type=int, metavar="TILE", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.paper_step is not None:  # the child process of section_paper_memory
+        print(json.dumps(paper_step(8192, 16384, 1024, args.paper_step)))
+        return 0
+    results: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    failed: list[str] = []
+    for section in SECTIONS:
+        entries = section(args)
+        failed += entries.pop("checks", [])
+        results.update(entries)
+    required = REQUIRED_KEYS + ([] if args.quick or args.skip_paper else PAPER_KEYS)
+    failed += [f"missing key {key}" for key in required if key not in results]
+    results["failed_checks"] = failed
+    print(USEFUL_FLOPS)
+    print()
+    print_table(results)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
