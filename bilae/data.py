@@ -167,7 +167,9 @@ def tokenize_corpus(
     """Tokenise a whole (finite) corpus into padded windows; raises DataError naming ``source`` if it is empty."""
     windows = list(islice(token_windows(texts, tokenizer, n_ctx), max_sequences))
     if not windows:
-        raise DataError(f"text source {source!r} yielded no tokens")
+        raise DataError(
+            f"the corpus is empty: text source {source} yielded no tokens; point it at files with text"
+        )
     return pad_windows(windows, n_ctx, tokenizer.pad_token_id)
 
 
@@ -440,6 +442,11 @@ class ActivationDataModule(L.LightningDataModule):
         self.train: TokenBatches | StreamBatches | None = None
         self.val: TokenBatches | None = None
 
+    def describe_source(self) -> str:
+        """The source's name and arguments, for error messages."""
+        args = ", ".join(f"{k}={v!r}" for k, v in self.source_kwargs.items())
+        return f"{self.source!r}" + (f" ({args})" if args else "")
+
     def texts(self) -> Iterator[str]:
         """A fresh iterator over the source's documents."""
         return text_source(self.source, **self.source_kwargs)
@@ -454,7 +461,9 @@ class ActivationDataModule(L.LightningDataModule):
             self._setup_corpus(rank, world_size)
 
     def _setup_corpus(self, rank: int, world_size: int) -> None:
-        ids, mask = tokenize_corpus(self.texts(), self.tokenizer, self.n_ctx, self.max_sequences, self.source)
+        ids, mask = tokenize_corpus(
+            self.texts(), self.tokenizer, self.n_ctx, self.max_sequences, self.describe_source()
+        )
         n_val = n_validation(len(ids), self.val_sequences)
         common: dict = dict(seed=self.seed, rank=rank, world_size=world_size)
         self.train = TokenBatches(ids[n_val:], mask[n_val:], self.batch_size, shuffle=True, **common)

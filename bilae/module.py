@@ -1,4 +1,4 @@
-"""The LightningModule: a frozen LM harvested at one layer feeds a bilinear autoencoder."""
+"""The LightningModule: a frozen LM harvested at one layer feeds one or several autoencoders."""
 
 from __future__ import annotations
 
@@ -7,36 +7,37 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from bilae.autoencoders import Autoencoder
+from bilae.errors import TrainingError, UsageError
 from bilae.hooks import Harvester
 from bilae.optim import OptimizerConfig, build_optimizers, linear_schedule
 
 
 class BilinearAutoencoderModule(L.LightningModule):
-    """Trains one autoencoder on the activations of a frozen LM.
+    """Trains autoencoders on the activations of a frozen LM.
 
     The LM lives in a :class:`~bilae.hooks.Harvester`, outside the module's parameters and checkpoints. Batches
-    are token batches (``input_ids``, ``attention_mask``); each step harvests them, optionally mixes tokens
-    across sequences in a shuffling buffer, and takes one optimiser step on the autoencoder loss.
+    are token batches (``input_ids``, ``attention_mask``) or cached activations (``acts``, ``mask``). Each step
+    harvests once, optionally mixes tokens across sequences in a shuffling buffer, and takes one optimiser step
+    for every autoencoder on the same activations, so a sweep over α or kinds pays for the LM only once.
 
     Args:
-        coder: the autoencoder to train.
-        harvester: the frozen LM and its hook; ``None`` when batches already hold activations
-            (``acts``/``mask``, e.g. from an activation cache).
+        coders: the autoencoder to train, or several (each keeps its own metrics, clipping and export).
+        harvester: the frozen LM and its hook; ``None`` when batches already hold activations.
         optimizer: optimiser settings (Muon by default).
         max_steps: total optimiser steps, for the linear learning-rate decay.
         alpha_warmup: steps over which α·scale rises linearly from 0 to α.
-        grad_clip: maximum gradient norm per step (0 disables clipping).
-        buffer: optional shuffling buffer between harvesting and the autoencoder.
+        grad_clip: maximum gradient norm per autoencoder and step (0 disables clipping).
+        buffer: optional shuffling buffer (:class:`~bilae.data.ShuffleBuffer`) between harvesting and the coders.
         dead_window: a latent never active over this many steps counts as dead.
         dead_threshold: |f| above which a latent counts as active on a token.
     """
 
     def __init__(
         self,
-        coder: Autoencoder,
+        coders: Autoencoder | list[Autoencoder],
         harvester: Harvester | None = None,
         *,
         optimizer: OptimizerConfig | None = None,
@@ -48,7 +49,11 @@ class BilinearAutoencoderModule(L.LightningModule):
         dead_threshold: float = 1e-4,
     ) -> None:
         super().__init__()
-        self.coder = coder
+        coders = [coders] if isinstance(coders, Autoencoder) else list(coders)
+        names = [c.config.name for c in coders]
+        if not coders or len(set(names)) != len(names):
+            raise UsageError(f"need one or more autoencoders with distinct names, got {names}")
+        self.coders = nn.ModuleList(coders)
         self.harvester = harvester
         self.optimizer_config = optimizer or OptimizerConfig()
         self.max_steps = max_steps
@@ -59,7 +64,8 @@ class BilinearAutoencoderModule(L.LightningModule):
         self.dead_threshold = dead_threshold
         self.automatic_optimization = False  # Muon for matrices and AdamW for vectors are two optimisers.
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
-        self.register_buffer("steps_since_active", torch.zeros(coder.d_features, dtype=torch.long))
+        for i, coder in enumerate(coders):
+            self.register_buffer(f"steps_since_active_{i}", torch.zeros(coder.d_features, dtype=torch.long))
         # Plain types only, so Lightning checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
@@ -69,16 +75,21 @@ class BilinearAutoencoderModule(L.LightningModule):
                 "grad_clip": grad_clip,
                 "dead_window": dead_window,
                 "dead_threshold": dead_threshold,
-                "autoencoder": coder.config.to_dict(),
+                "autoencoders": [c.config.to_dict() for c in coders],
             }
         )
 
+    @property
+    def coder(self) -> Autoencoder:
+        """The (first) autoencoder."""
+        return self.coders[0]  # type: ignore[return-value]
+
+    def prefix(self, i: int) -> str:
+        """Metric prefix of coder ``i``: none for a single coder, its name when several train together."""
+        return "" if len(self.coders) == 1 else f"{self.coders[i].config.name}/"
+
     # ------------------------------------------------------------------------------------------ data flow
     def setup(self, stage: str) -> None:
-        if self.harvester is not None:
-            self.harvester.to(self.device)
-
-    def on_fit_start(self) -> None:
         if self.harvester is not None:
             self.harvester.to(self.device)
 
@@ -87,8 +98,8 @@ class BilinearAutoencoderModule(L.LightningModule):
         if "acts" in batch:
             return batch["acts"], batch["mask"].bool()
         if self.harvester is None:
-            raise ValueError(
-                "batches hold tokens but this module has no harvester (the LM) to turn them into activations"
+            raise UsageError(
+                "batches hold tokens but no language model was loaded to harvest activations from"
             )
         return self.harvester(batch["input_ids"], batch["attention_mask"])
 
@@ -101,6 +112,8 @@ class BilinearAutoencoderModule(L.LightningModule):
         before = len(self.buffer)
         self.buffer.push(acts, mask)
         pushed = len(self.buffer) - before
+        if pushed == 0:
+            raise TrainingError(f"step {self.global_step}: the batch has no real tokens to train on")
         warm = len(self.buffer) >= self.buffer.capacity // 2
         return self.buffer.pop(pushed if warm else max(1, pushed // 2))
 
@@ -113,35 +126,50 @@ class BilinearAutoencoderModule(L.LightningModule):
     # ---------------------------------------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         acts, mask = self.activations(batch)
-        if self.buffer is not None:
-            acts, mask = self.mix(acts, mask), None
+        tokens = self.mix(acts, mask) if self.buffer is not None else None
         scale = self.alpha_scale()
-        loss, metrics, f = self.coder.loss(acts, mask, scale=scale, return_features=True)
-        self._step(loss)
-        n_tokens = f.shape[0]
+        total = acts.new_zeros((), dtype=torch.float32)
+        log: dict[str, Tensor] = {}
+        n_tokens = 0
+        for i, coder in enumerate(self.coders):
+            if tokens is not None:
+                loss, metrics, f = coder.loss(tokens, None, scale=scale, return_features=True)
+            else:
+                loss, metrics, f = coder.loss(acts, mask, scale=scale, return_features=True)
+            total = total + loss
+            n_tokens = f.shape[0]
+            dead = self._track_dead(i, f)
+            p = self.prefix(i)
+            log |= {f"{p}train/{k}": v for k, v in metrics.items()}
+            log |= {f"{p}train/loss": loss.detach(), f"{p}train/dead_fraction": dead}
+            log[f"{p}train/alpha_scale"] = torch.tensor(coder.config.alpha * scale)
+        self._check_finite(total)
+        log |= self._step(total)
         self.tokens_seen += n_tokens
-        self._track_dead(f)
-        log = {f"train/{k}": v for k, v in metrics.items()}
-        log |= {
-            "train/loss": loss.detach(),
-            "train/alpha_scale": torch.tensor(self.coder.config.alpha * scale),
-            "train/tokens_seen": self.tokens_seen.float(),
-            "train/dead_fraction": (self.steps_since_active >= self.dead_window).float().mean(),
-            "lr": torch.tensor(self.optimizers_list()[0].param_groups[0]["lr"]),
-        }
-        self.log_dict(log, prog_bar=False, batch_size=n_tokens)
-        self.log("mse", metrics["mse"], prog_bar=True, logger=False, batch_size=n_tokens)
-        return loss.detach()
+        log["train/tokens_seen"] = self.tokens_seen.float()
+        log["lr"] = torch.tensor(self.optimizers_list()[0].param_groups[0]["lr"])
+        self.log_dict(log, batch_size=n_tokens)
+        self.log("mse", log[f"{self.prefix(0)}train/mse"], prog_bar=True, logger=False, batch_size=n_tokens)
+        return total.detach()
 
-    def _step(self, loss: Tensor) -> None:
+    def _check_finite(self, loss: Tensor) -> None:
+        # One host sync per step: a NaN must stop the run before it reaches the weights and the checkpoints.
+        if not torch.isfinite(loss).item():
+            raise TrainingError(
+                f"non-finite loss ({loss.item()}) at step {self.global_step}; stopped before the optimiser step, "
+                "so the last checkpoint is intact (check the activations: a layer with inf/NaN, or fp16 overflow)"
+            )
+
+    def _step(self, loss: Tensor) -> dict[str, Tensor]:
         optimizers = self.optimizers_list()
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        params = [p for p in self.coder.parameters() if p.grad is not None]
+        norms = {}
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        self.log("train/grad_norm", grad_norm, batch_size=1)
+        for i, coder in enumerate(self.coders):
+            params = [p for p in coder.parameters() if p.grad is not None]
+            norms[f"{self.prefix(i)}train/grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm)
         # Only the first optimiser steps through Lightning: each LightningOptimizer.step() advances global_step,
         # and one training step must count once (AdamW for TopK's biases rides along unwrapped).
         optimizers[0].step()
@@ -151,17 +179,29 @@ class BilinearAutoencoderModule(L.LightningModule):
         for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
             if scheduler is not None:
                 scheduler.step()
+        return norms
 
-    def _track_dead(self, f: Tensor) -> None:
+    def _track_dead(self, i: int, f: Tensor) -> Tensor:
+        steps: Tensor = getattr(self, f"steps_since_active_{i}")
         active = (f.detach().abs() > self.dead_threshold).any(0)
-        self.steps_since_active.add_(1).masked_fill_(active, 0)
+        steps.add_(1).masked_fill_(active, 0)
+        return (steps >= self.dead_window).float().mean()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         acts, mask = self.activations(batch)
-        _, metrics = self.coder.loss(acts, mask)
         n_tokens = int(mask.sum())
-        self.log("val/mse", metrics["mse"], prog_bar=True, batch_size=n_tokens, sync_dist=True)
-        self.log("val/density", metrics["density"], batch_size=n_tokens, sync_dist=True)
+        if n_tokens == 0:
+            return
+        mses = []
+        for i, coder in enumerate(self.coders):
+            _, metrics = coder.loss(acts, mask)
+            p = self.prefix(i)
+            mses.append(metrics["mse"])
+            self.log(f"{p}val/density", metrics["density"], batch_size=n_tokens, sync_dist=True)
+            if p:
+                self.log(f"{p}val/mse", metrics["mse"], batch_size=n_tokens, sync_dist=True)
+        # With several coders, val/mse (monitored by checkpoints) is their mean.
+        self.log("val/mse", torch.stack(mses).mean(), prog_bar=True, batch_size=n_tokens, sync_dist=True)
 
     # ------------------------------------------------------------------------------------------ optimisers
     def optimizers_list(self) -> list:
@@ -169,14 +209,14 @@ class BilinearAutoencoderModule(L.LightningModule):
         return opts if isinstance(opts, list) else [opts]
 
     def configure_optimizers(self) -> Any:
-        optimizers = build_optimizers(self.coder, self.optimizer_config)
+        # One Muon over every coder's matrices is the same as one Muon per coder: Muon's update is per matrix.
+        optimizers = build_optimizers(self.coders, self.optimizer_config)
         schedulers = [linear_schedule(opt, self.max_steps, self.optimizer_config) for opt in optimizers]
         return optimizers, [{"scheduler": s, "interval": "step"} for s in schedulers]
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["autoencoder_config"] = self.coder.config.to_dict()
-        if self.buffer is not None and hasattr(self.buffer, "state_dict"):
+        if self.buffer is not None:
             checkpoint["shuffle_buffer"] = self.buffer.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

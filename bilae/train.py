@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from bilae.autoencoders import Autoencoder
+from bilae.autoencoders import Autoencoder, AutoencoderConfig
 from bilae.autoencoders.checkpoint import atomic_write_text
 from bilae.config import CONF_DIR
 from bilae.errors import BilaeError, CheckpointError, UsageError
@@ -47,11 +49,32 @@ def build_harvester(model_cfg: DictConfig) -> Harvester:
     )
 
 
-def build_coder(cfg: DictConfig, d_model: int) -> Autoencoder:
-    """A fresh autoencoder sized for the hooked model."""
+def build_coders(cfg: DictConfig, d_model: int) -> list[Autoencoder]:
+    """Fresh autoencoders sized for the hooked model: one, or one per combination of list-valued options.
+
+    ``autoencoder.alpha=[0,0.1,0.2]`` (or ``autoencoder.kind=[mixed,vanilla]``) trains every combination on the
+    same activation batches in one process, so the LM runs once per batch for all of them.
+    """
     options: dict[str, Any] = OmegaConf.to_container(cfg.autoencoder, resolve=True)  # type: ignore[assignment]
+    swept = {k: v for k, v in options.items() if isinstance(v, list) and k != "tags"}
+    combos = [dict(zip(swept, values)) for values in itertools.product(*swept.values())] or [{}]
+    return [_coder({**options, **combo}, d_model, cfg.model.layer, cfg.seed) for combo in combos]
+
+
+def build_coder(cfg: DictConfig, d_model: int) -> Autoencoder:
+    """The single autoencoder of a config without list-valued options."""
+    (coder,) = build_coders(cfg, d_model)
+    return coder
+
+
+def _coder(options: dict[str, Any], d_model: int, layer: int, seed: int) -> Autoencoder:
+    # Each coder's initialisation depends on the seed and its own name only, not on what trains beside it.
+    options = dict(options)
     kind = options.pop("kind")
-    return Autoencoder.from_config(kind, d_model=d_model, layer=cfg.model.layer, **options)
+    name = AutoencoderConfig(kind=kind, d_model=d_model, layer=layer, **options).name
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        return Autoencoder.from_config(kind, d_model=d_model, layer=layer, **options)
 
 
 def load_coder(path: str, harvester: Harvester) -> Autoencoder:
@@ -80,12 +103,14 @@ def build(cfg: DictConfig) -> tuple[BilinearAutoencoderModule, L.LightningDataMo
     """Everything a run needs, instantiated from the composed config (seeded, so builds are reproducible)."""
     L.seed_everything(cfg.seed, workers=True)
     harvester = build_harvester(cfg.model)
-    coder = (
-        load_coder(cfg.init_from, harvester) if cfg.get("init_from") else build_coder(cfg, harvester.d_model)
+    coders = (
+        [load_coder(cfg.init_from, harvester)]
+        if cfg.get("init_from")
+        else build_coders(cfg, harvester.d_model)
     )
     datamodule = build_datamodule(cfg, harvester.tokenizer)
     module = BilinearAutoencoderModule(
-        coder,
+        coders,
         harvester,
         optimizer=OptimizerConfig(**cfg.optimizer),
         max_steps=cfg.steps,
@@ -121,14 +146,14 @@ def build_buffer(cfg: DictConfig) -> Any:
     return ShuffleBuffer(capacity=cfg.buffer_tokens, seed=cfg.seed)
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
+def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, validate, export; returns the final metrics (also written to ``metrics.json``)."""
     out = Path(cfg.paths.output_dir)
     module, datamodule, trainer = build(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg, out))
     trained = dict(trainer.callback_metrics)  # validate() below resets callback_metrics
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-    metrics = summarize(trained, final, trainer.global_step)
+    metrics = summarize(module, trained, final, trainer.global_step)
     if trainer.is_global_zero:
         if cfg.export:
             export(module, trainer, out, cfg)
@@ -149,29 +174,53 @@ def resolve_ckpt_path(cfg: DictConfig, out: Path) -> str | None:
     return str(path)
 
 
-def summarize(trained: dict[str, Any], final: dict[str, Any], steps: int) -> dict[str, float]:
-    """The numbers a sweep compares: last training step's metrics and the final validation."""
-    keep = ("train/mse", "train/density", "train/loss", "val/mse", "val/density", "train/tokens_seen")
-    metrics = {k: float(v) for k, v in {**trained, **final}.items() if k in keep}
-    metrics["steps"] = float(steps)
-    return metrics
+METRIC_KEYS = ("train/mse", "train/density", "train/loss", "val/mse", "val/density")
 
 
-def export(module: BilinearAutoencoderModule, trainer: L.Trainer, out: Path, cfg: DictConfig) -> Path:
-    """Write the final autoencoder (and the best by val/mse) in the hub layout ``<dir>/<name>/``."""
-    name = module.coder.config.name
-    final = module.coder.save(out / "autoencoder" / name)
+def summarize(
+    module: BilinearAutoencoderModule, trained: dict[str, Any], final: dict[str, Any], steps: int
+) -> dict[str, Any]:
+    """The numbers a sweep compares: last training step's metrics and the final validation, per autoencoder.
+
+    One autoencoder: a flat dict (plus its name, kind, α). Several: the same per name under ``coders``.
+    """
+    logged = {k: float(v) for k, v in {**trained, **final}.items()}
+    per_coder = {}
+    for i, coder in enumerate(module.coders):
+        p = module.prefix(i)
+        values = {k: logged[p + k] for k in METRIC_KEYS if p + k in logged}
+        c = coder.config
+        per_coder[c.name] = {
+            **values,
+            "name": c.name,
+            "kind": c.kind,
+            "alpha": c.alpha,
+            "expansion": c.expansion,
+        }
+    common = {"steps": float(steps), "tokens_seen": logged.get("train/tokens_seen", 0.0)}
+    if len(per_coder) == 1:
+        return {**next(iter(per_coder.values())), **common}
+    return {"coders": per_coder, "val/mse": logged.get("val/mse"), **common}
+
+
+def export(module: BilinearAutoencoderModule, trainer: L.Trainer, out: Path, cfg: DictConfig) -> list[Path]:
+    """Write each final autoencoder (and the best by val/mse) in the hub layout ``<dir>/<name>/``."""
     best = getattr(trainer.checkpoint_callback, "best_model_path", "")
-    if best:
-        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-        coder = Autoencoder.resolve(module.coder.kind)(module.coder.config)
-        coder.load_state_dict(
-            {k.removeprefix("coder."): v for k, v in state.items() if k.startswith("coder.")}
-        )
-        coder.save(out / "autoencoder-best" / name)
-    if cfg.log_artifact:
-        log_artifact(trainer, final, name)
-    return final
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"] if best else None
+    folders = []
+    for i, coder in enumerate(module.coders):
+        name = coder.config.name
+        folders.append(coder.save(out / "autoencoder" / name))
+        if state is not None:
+            prefix = f"coders.{i}."
+            best_coder = Autoencoder.resolve(coder.kind)(coder.config)
+            best_coder.load_state_dict(
+                {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            )
+            best_coder.save(out / "autoencoder-best" / name)
+        if cfg.log_artifact:
+            log_artifact(trainer, folders[-1], name)
+    return folders
 
 
 def log_artifact(trainer: L.Trainer, folder: Path, name: str) -> None:

@@ -207,3 +207,29 @@ def test_init_from_checkpoint_must_match_the_model(tmp_path: Path) -> None:
     cfg = tiny_cfg(tmp_path, f"init_from={tmp_path}/layer")
     with pytest.raises(UsageError, match=r"layer 1.*layer 2"):
         T.build(cfg)
+
+
+@pytest.mark.slow
+def test_several_coders_from_one_harvest_equal_separate_runs(tmp_path: Path) -> None:
+    common = ["steps=6", "trainer.val_check_interval=6"]
+    multi = tiny_cfg(
+        tmp_path / "multi", *common, "autoencoder.alpha=[0,0.2]", "autoencoder.kind=[mixed,combined]"
+    )
+    metrics = T.run(multi)
+    names = ["mixed-l02-x2-a0-b0", "mixed-l02-x2-a20-b0", "combined-l02-x2-a0-b0", "combined-l02-x2-a20-b0"]
+    assert sorted(metrics["coders"]) == sorted(names)
+    for name in names:
+        assert {"train/mse", "val/mse", "val/density"} <= set(metrics["coders"][name])
+        assert (tmp_path / "multi" / "autoencoder" / name / "model.safetensors").is_file()
+    # The same training alone, for two of them: identical weights (the harvest is shared, nothing else is).
+    for kind, alpha in (("mixed", 0.2), ("combined", 0)):
+        single = tiny_cfg(
+            tmp_path / f"{kind}{alpha}", *common, f"autoencoder.alpha={alpha}", f"autoencoder={kind}"
+        )
+        alone = T.run(single)
+        name = f"{kind}-l02-x2-a{int(alpha * 100)}-b0"
+        assert alone["val/mse"] == pytest.approx(metrics["coders"][name]["val/mse"], rel=1e-5)
+        a = Autoencoder.load(tmp_path / f"{kind}{alpha}" / "autoencoder" / name)
+        b = Autoencoder.load(tmp_path / "multi" / "autoencoder" / name)
+        for key, tensor in a.state_dict().items():
+            torch.testing.assert_close(b.state_dict()[key], tensor, rtol=0, atol=1e-6, msg=key)
