@@ -63,6 +63,7 @@ class BilinearAutoencoderModule(L.LightningModule):
         self.dead_window = dead_window
         self.dead_threshold = dead_threshold
         self.automatic_optimization = False  # Muon for matrices and AdamW for vectors are two optimisers.
+        self.tokens_seen: Tensor
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
         for i, coder in enumerate(coders):
             self.register_buffer(f"steps_since_active_{i}", torch.zeros(coder.d_features, dtype=torch.long))
@@ -80,13 +81,18 @@ class BilinearAutoencoderModule(L.LightningModule):
         )
 
     @property
+    def autoencoders(self) -> list[Autoencoder]:
+        """The autoencoders, typed (``self.coders`` is the ModuleList that registers them)."""
+        return list(self.coders)  # type: ignore[arg-type]
+
+    @property
     def coder(self) -> Autoencoder:
         """The (first) autoencoder."""
-        return self.coders[0]  # type: ignore[return-value]
+        return self.autoencoders[0]
 
     def prefix(self, i: int) -> str:
         """Metric prefix of coder ``i``: none for a single coder, its name when several train together."""
-        return "" if len(self.coders) == 1 else f"{self.coders[i].config.name}/"
+        return "" if len(self.coders) == 1 else f"{self.autoencoders[i].config.name}/"
 
     # ------------------------------------------------------------------------------------------ data flow
     def setup(self, stage: str) -> None:
@@ -131,11 +137,11 @@ class BilinearAutoencoderModule(L.LightningModule):
         total = acts.new_zeros((), dtype=torch.float32)
         log: dict[str, Tensor] = {}
         n_tokens = 0
-        for i, coder in enumerate(self.coders):
+        for i, coder in enumerate(self.autoencoders):
             if tokens is not None:
-                loss, metrics, f = coder.loss(tokens, None, scale=scale, return_features=True)
+                loss, metrics, f = coder.loss_and_features(tokens, None, scale)
             else:
-                loss, metrics, f = coder.loss(acts, mask, scale=scale, return_features=True)
+                loss, metrics, f = coder.loss_and_features(acts, mask, scale)
             total = total + loss
             n_tokens = f.shape[0]
             dead = self._track_dead(i, f)
@@ -167,7 +173,7 @@ class BilinearAutoencoderModule(L.LightningModule):
         self.manual_backward(loss)
         norms = {}
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        for i, coder in enumerate(self.coders):
+        for i, coder in enumerate(self.autoencoders):
             params = [p for p in coder.parameters() if p.grad is not None]
             norms[f"{self.prefix(i)}train/grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm)
         # Only the first optimiser steps through Lightning: each LightningOptimizer.step() advances global_step,
@@ -193,7 +199,7 @@ class BilinearAutoencoderModule(L.LightningModule):
         if n_tokens == 0:
             return
         mses = []
-        for i, coder in enumerate(self.coders):
+        for i, coder in enumerate(self.autoencoders):
             _, metrics = coder.loss(acts, mask)
             p = self.prefix(i)
             mses.append(metrics["mse"])

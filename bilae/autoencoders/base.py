@@ -106,23 +106,23 @@ class Autoencoder(nn.Module):
         return self.features(x)
 
     def loss(
-        self,
-        x: Tensor,
-        mask: Tensor | None = None,
-        scale: float | Tensor = 1.0,
-        *,
-        return_features: bool = False,
-    ) -> tuple[Tensor, Metrics] | tuple[Tensor, Metrics, Tensor]:
+        self, x: Tensor, mask: Tensor | None = None, scale: float | Tensor = 1.0
+    ) -> tuple[Tensor, Metrics]:
         """Training loss on activations ``x`` (..., d_model) with a token ``mask`` (...) of real tokens.
 
         Returns ``(loss, metrics)``: ``loss`` is the reconstruction term plus α·scale·density, averaged over real
         tokens only; ``metrics`` holds scalar tensors, at least ``mse`` (the plain reconstruction error) and
-        ``density`` (mean Hoyer density).  With ``return_features`` the latents of the real tokens (N, m) follow.
+        ``density`` (mean Hoyer density).
         """
-        tokens = self.real_tokens(x, mask)
-        xhat = self.normalize(tokens)
-        loss, metrics, f = self._loss(xhat, scale)
-        return (loss, metrics, f) if return_features else (loss, metrics)
+        loss, metrics, _ = self.loss_and_features(x, mask, scale)
+        return loss, metrics
+
+    def loss_and_features(
+        self, x: Tensor, mask: Tensor | None = None, scale: float | Tensor = 1.0
+    ) -> tuple[Tensor, Metrics, Tensor]:
+        """:meth:`loss`, plus the latents of the real tokens (N, m) it computed on the way."""
+        xhat = self.normalize(self.real_tokens(x, mask))
+        return self._loss(xhat, scale)
 
     def real_tokens(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """The (N, d) rows of ``x`` whose mask is true; an empty selection is an error."""
