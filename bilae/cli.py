@@ -88,8 +88,11 @@ def reported(prog: str, where: str | Path | None = None) -> Iterator[None]:
             print(f"{prog}: error: interrupted", file=sys.stderr, flush=True)
             sys.exit(130)
         if type(err).__name__ == "SIGTERMException":
+            saved = f" or ckpt_path={Path(where) / 'checkpoints' / 'interrupted.ckpt'}" if where else ""
             print(
-                f"{prog}: error: stopped by SIGTERM; resume with ckpt_path=last", file=sys.stderr, flush=True
+                f"{prog}: error: stopped by SIGTERM; resume with ckpt_path=last{saved}",
+                file=sys.stderr,
+                flush=True,
             )
             sys.exit(INTERRUPTED_EXIT_CODE)
         mapped = as_bilae_error(err, where) if isinstance(err, Exception) else None

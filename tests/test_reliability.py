@@ -342,3 +342,12 @@ def test_ensure_writable(tmp_path: Path) -> None:
         ensure_writable(tmp_path / "file" / "sub", create=False)
     later = tmp_path / "later" / "run"
     assert ensure_writable(later, create=False) == later and not later.exists()  # leaves no trace
+
+
+def test_sigterm_exits_143_and_says_how_to_resume(capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    with pytest.raises(SystemExit) as done, reported("bilae-test", where="/runs/a"):
+        raise SIGTERMException  # what Lightning raises at the batch boundary after SIGTERM (a SystemExit, code 0)
+    assert done.value.code == 143
+    assert "ckpt_path=/runs/a/checkpoints/interrupted.ckpt" in capsys.readouterr().err
