@@ -102,13 +102,19 @@ def check_coder_fits(coder: Autoencoder, harvester: Harvester, *, source: str) -
 def build(cfg: DictConfig) -> tuple[BilinearAutoencoderModule, L.LightningDataModule, L.Trainer]:
     """Everything a run needs, instantiated from the composed config (seeded, so builds are reproducible)."""
     L.seed_everything(cfg.seed, workers=True)
-    harvester = build_harvester(cfg.model)
-    coders = (
-        [load_coder(cfg.init_from, harvester)]
-        if cfg.get("init_from")
-        else build_coders(cfg, harvester.d_model)
-    )
-    datamodule = build_datamodule(cfg, harvester.tokenizer)
+    if cfg.data.get("source") == "cache":  # activations harvested by bilae-cache: the LM is never loaded
+        from bilae.cache import coders_for_cache
+
+        harvester, tokenizer, coders = None, None, coders_for_cache(cfg)
+    else:
+        harvester = build_harvester(cfg.model)
+        tokenizer = harvester.tokenizer
+        coders = (
+            [load_coder(cfg.init_from, harvester)]
+            if cfg.get("init_from")
+            else build_coders(cfg, harvester.d_model)
+        )
+    datamodule = build_datamodule(cfg, tokenizer)
     module = BilinearAutoencoderModule(
         coders,
         harvester,

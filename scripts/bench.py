@@ -15,25 +15,48 @@ Figures of the loss section (fp32, torch's default thread count):
 * ``loss_fraction_of_matmul_peak`` — useful FLOP/s of the fast loss ÷ FLOP/s of one large ``torch.mm``.
 * ``peak_rss_gib`` / ``peak_rss_bound_gib`` / ``peak_rss_ratio`` — peak resident memory of one training step at paper
   size (in a fresh subprocess) against the tensors that step must hold.
+
+Harvest, cache and training sections (every ratio from interleaved repeats in one run, median of per-round ratios):
+
+* ``harvest_speedup_vs_full_forward`` — a random 8-layer Qwen3 (hidden 256, batch 16 x 128; tiny in --quick) hooked
+  at layer 2: plain ``model(...)`` forward (use_cache=False, LM head included) ÷ ``Harvester`` call (stops before
+  block 2). ``harvest_fraction_of_ideal`` divides it by the ideal n_layers / layer = 4; it can exceed 1 because the
+  full forward also pays for the final norm and the LM head (vocab 30522 x 256 per token, about as much as 12
+  blocks here). ``harvest_body_speedup`` / ``harvest_body_fraction_of_ideal`` compare with the blocks alone
+  (``model.model``, no LM head), the fair measure of the early stop itself.
+* ``cache_speedup_vs_harvest`` — training tokens/s of the demo (MiniLM layer 3, mixed x2 b1, Muon; qwen3-tiny in
+  --quick) through ``trainer.fit`` (training_step incl. optimiser step, data loading included) from an activation
+  cache (float16, shards loaded and shuffled inside the timed span) ÷ harvesting live; the same real tokens per step.
+  ``train_tokens_per_s`` is the live demo's rate, ``cache_train_tokens_per_s`` the cached one's.
+* ``multi_coder_fraction_of_ideal`` — 4 coders (α = 0, .1, .2, .3) trained from one live harvest. With t_h the
+  harvest time of a batch and t_c = t_single − t_h one coder's step, ideal_time_multi = t_h + 4 t_c;
+  fraction = ideal_time_multi / measured multi-coder step time. ``multi_coder_speedup_vs_sequential`` = 4 t_single /
+  t_multi (4 separate live runs against one).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
+import lightning as L
 import torch
 from torch import Tensor
 
 from bilae.autoencoders import fast_loss
+from bilae.cache import build_cache
+from bilae.config import compose
+from bilae.lm import load_lm
 
 GIB = 2**30
 
@@ -249,8 +272,185 @@ def section_paper_memory(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-SECTIONS: list[Callable[[argparse.Namespace], dict[str, Any]]] = [section_loss, section_paper_memory]
-REQUIRED_KEYS = ["loss_speedup_vs_reference", "loss_fraction_of_matmul_peak"]
+# ------------------------------------------------------------------------------------------- harvest
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each function per round, after one warm-up call each; the order rotates every round."""
+    for fn in fns.values():
+        fn()
+    names, times = list(fns), {name: [] for name in fns}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(_timed(fns[name]))
+    return times
+
+
+def median_ratio(num: list[float], den: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+@torch.no_grad()
+def section_harvest(args: argparse.Namespace) -> dict[str, Any]:
+    """Early-stopped harvest vs full forward of an 8-layer Qwen3 hooked at layer 2."""
+    from bilae.hooks import Harvester
+
+    n_layers, layer = 8, 2
+    hidden, batch, n_ctx = (64, 4, 32) if args.quick else (256, 16, 128)
+    model, tokenizer = load_lm("qwen3-tiny", n_layers=n_layers, hidden=hidden, n_heads=4, n_kv_heads=2)
+    harvester = Harvester(model, tokenizer, layer)
+    ids = torch.randint(1000, 30000, (batch, n_ctx), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    head_input = torch.randn(batch, n_ctx, hidden)
+    times = interleaved(
+        {
+            "full": lambda: model(**inputs),
+            "body": lambda: model.model(**inputs),
+            "harvest": lambda: harvester(ids, mask),
+            "head": lambda: model.lm_head(model.model.norm(head_input)),
+        },
+        3 if args.quick else args.repeats,
+    )
+    expected = model(**inputs, output_hidden_states=True).hidden_states[layer]
+    ok = torch.allclose(harvester(ids, mask)[0], expected, atol=1e-5)
+    speedup = median_ratio(times["full"], times["harvest"])
+    body = median_ratio(times["body"], times["harvest"])
+    return {
+        "harvest_shape": {
+            "layers": n_layers,
+            "layer": layer,
+            "hidden": hidden,
+            "batch": batch,
+            "n_ctx": n_ctx,
+        },
+        "harvest_seconds": statistics.median(times["harvest"]),
+        "harvest_full_forward_seconds": statistics.median(times["full"]),
+        "harvest_lm_head_share_of_full_forward": median_ratio(times["head"], times["full"]),
+        "harvest_speedup_vs_full_forward": speedup,
+        "harvest_fraction_of_ideal": speedup / (n_layers / layer),
+        "harvest_body_speedup": body,
+        "harvest_body_fraction_of_ideal": body / (n_layers / layer),
+        "checks": [] if ok else ["harvest != output_hidden_states[layer]"],
+    }
+
+
+# ---------------------------------------------------------------------------------------- training
+class StepClock(L.Callback):
+    """A Lightning callback noting (time, tokens seen) after every training batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.marks: list[tuple[float, int]] = []
+
+    def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
+        self.marks.append((time.perf_counter(), int(module.tokens_seen)))
+
+
+def demo_overrides(args: argparse.Namespace, out: str) -> list[str]:
+    common = ["logger=none", "callbacks=none", "trainer.enable_progress_bar=false", "++trainer.enable_checkpointing=false",
+              "++trainer.limit_val_batches=0", f"paths.output_dir={out}"]  # fmt: skip
+    if args.quick:
+        common += ["model=qwen3-tiny"]
+    return common
+
+
+def text_overrides(args: argparse.Namespace) -> list[str]:
+    return ["data.n_ctx=32", "data.batch_size=4", "data.max_sequences=200"] if args.quick else []
+
+
+def fit_rate(overrides: list[str], warm: int, timed: int) -> dict[str, Any]:
+    """Train ``warm + timed`` steps through ``trainer.fit``; seconds per step and tokens/s over the timed steps."""
+    from bilae import train as T
+
+    cfg = compose("train", [*overrides, f"steps={warm + timed}"])
+    module, datamodule, trainer = T.build(cfg)
+    clock = StepClock()
+    trainer.callbacks.append(clock)
+    trainer.fit(module, datamodule=datamodule)
+    (t0, n0), (t1, n1) = clock.marks[warm - 1], clock.marks[-1]
+    return {"step": (t1 - t0) / timed, "tokens_per_s": (n1 - n0) / (t1 - t0), "tokens_per_step": (n1 - n0) / timed,
+            "module": module, "datamodule": datamodule}  # fmt: skip
+
+
+def live_tokens_per_batch(module: Any, datamodule: Any) -> int:
+    """Mean number of tokens the harvester keeps from a training batch (what a live step trains on)."""
+    train = datamodule.train
+    kept = module.harvester.token_mask(train.input_ids, train.attention_mask).sum()
+    return int(kept) * train.batch_size // len(train.input_ids)
+
+
+def section_training(args: argparse.Namespace) -> dict[str, Any]:
+    """Demo training tokens/s: live harvest vs activation cache, and 4 coders from one harvest vs one."""
+    warm, timed = (2, 4) if args.quick else (3, 12)
+    rounds = 2 if args.quick else 3
+    with tempfile.TemporaryDirectory() as tmp:
+        base = demo_overrides(args, tmp)
+        live = [*base, *text_overrides(args), "buffer_tokens=0"]
+        probe = fit_rate(live, 1, 1)
+        per_batch = live_tokens_per_batch(probe["module"], probe["datamodule"])
+        cache_dir = f"{tmp}/cache"
+        model = ["model=qwen3-tiny"] if args.quick else []
+        # Shards of 4 batches, one per window: loading and shuffling happen inside the timed steps.
+        build_cache(compose("cache", [*model, *text_overrides(args), f"cache.dir={cache_dir}",
+                                      f"cache.tokens={per_batch * (warm + timed + 1)}",
+                                      f"cache.shard_tokens={4 * per_batch}", f"paths.output_dir={tmp}"]))  # fmt: skip
+        cached = [*base, "data=cache", f"data.dir={cache_dir}", f"data.batch_tokens={per_batch}",
+                  "data.window_shards=1", "buffer_tokens=0"]  # fmt: skip
+        multi = [*live, "autoencoder.alpha=[0,0.1,0.2,0.3]"]
+        runs: dict[str, list[dict[str, Any]]] = {"live": [], "cache": [], "multi": []}
+        harvest: list[float] = []
+        for r in range(rounds):
+            order = [("live", live), ("cache", cached), ("multi", multi)]
+            for name, overrides in order[r % 3 :] + order[: r % 3]:
+                runs[name].append(fit_rate(overrides, warm, timed))
+            module, datamodule = runs["live"][-1]["module"], runs["live"][-1]["datamodule"]
+            batch = next(iter(datamodule.val))
+            harvest_once = functools.partial(module.harvester, **batch)
+            harvest.append(statistics.median(interleaved({"h": harvest_once}, 3)["h"]))
+    step = {name: [run["step"] for run in values] for name, values in runs.items()}
+    rate = {name: [run["tokens_per_s"] for run in values] for name, values in runs.items()}
+    t_h, t_single, t_multi = (statistics.median(v) for v in (harvest, step["live"], step["multi"]))
+    ideal_multi = t_h + 4 * (t_single - t_h)
+    return {
+        "train_tokens_per_step": {
+            name: statistics.median(r["tokens_per_step"] for r in v) for name, v in runs.items()
+        },
+        "train_tokens_per_s": statistics.median(rate["live"]),
+        "cache_train_tokens_per_s": statistics.median(rate["cache"]),
+        "cache_speedup_vs_harvest": median_ratio(rate["cache"], rate["live"]),
+        "train_step_seconds": {
+            "live": t_single,
+            "cache": statistics.median(step["cache"]),
+            "harvest": t_h,
+            "coder (live - harvest)": t_single - t_h,
+            "multi4": t_multi,
+        },  # fmt: skip
+        "multi_coder_fraction_of_ideal": ideal_multi / t_multi,
+        "multi_coder_speedup_vs_sequential": 4 * t_single / t_multi,
+        "checks": [],
+    }
+
+
+SECTIONS: list[Callable[[argparse.Namespace], dict[str, Any]]] = [
+    section_loss,
+    section_harvest,
+    section_training,
+    section_paper_memory,
+]
+REQUIRED_KEYS = [
+    "loss_speedup_vs_reference",
+    "loss_fraction_of_matmul_peak",
+    "harvest_speedup_vs_full_forward",
+    "harvest_fraction_of_ideal",
+    "cache_speedup_vs_harvest",
+    "train_tokens_per_s",
+    "multi_coder_fraction_of_ideal",
+]
 PAPER_KEYS = ["peak_rss_gib", "peak_rss_bound_gib", "peak_rss_ratio"]
 
 
@@ -285,6 +485,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ref-tile", type=int, default=1024, help="tile of the tiled-einsum reference")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
     parser.add_argument("--mm-size", type=int, default=4096, help="size of the peak-FLOP/s matmul")
+    parser.add_argument(
+        "--only", metavar="NAMES", help="comma-separated sections to run (loss,harvest,training,paper_memory)"
+    )
     parser.add_argument("--paper-step", type=int, metavar="TILE", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -296,11 +499,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     failed: list[str] = []
+    wanted = set(args.only.split(",")) if args.only else None
     for section in SECTIONS:
+        if wanted is not None and section.__name__.removeprefix("section_") not in wanted:
+            continue
         entries = section(args)
         failed += entries.pop("checks", [])
         results.update(entries)
     required = REQUIRED_KEYS + ([] if args.quick or args.skip_paper else PAPER_KEYS)
+    if wanted is not None:
+        required = [key for key in required if key in results]
     failed += [f"missing key {key}" for key in required if key not in results]
     results["failed_checks"] = failed
     print(USEFUL_FLOPS)
