@@ -184,7 +184,8 @@ def n_validation(n_sequences: int, val_sequences: int | float) -> int:
         count = val_sequences
     if not 0 <= count < n_sequences:
         raise DataError(
-            f"cannot hold out {count} validation sequences from {n_sequences}; valid 0..{n_sequences - 1}"
+            f"the corpus is too short: cannot hold out {count} validation sequences from {n_sequences}; "
+            f"valid val_sequences: 0..{n_sequences - 1} (or give more text)"
         )
     return count
 

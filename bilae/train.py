@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,11 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from bilae.autoencoders import Autoencoder, AutoencoderConfig
-from bilae.autoencoders.checkpoint import atomic_write_text
+from bilae.autoencoders.checkpoint import atomic_write, atomic_write_text
 from bilae.config import CONF_DIR
 from bilae.errors import BilaeError, CheckpointError, UsageError
 from bilae.hooks import Harvester
@@ -99,6 +99,16 @@ def check_coder_fits(coder: Autoencoder, harvester: Harvester, *, source: str) -
         )
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written beside their target, fsynced and renamed into place: never half-written.
+
+    (Lightning stages checkpoints in $TMPDIR; on another filesystem its final move is an in-place copy.)
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        atomic_write(path, lambda handle: torch.save(checkpoint, handle))
+
+
 def build(cfg: DictConfig) -> tuple[BilinearAutoencoderModule, L.LightningDataModule, L.Trainer]:
     """Everything a run needs, instantiated from the composed config (seeded, so builds are reproducible)."""
     L.seed_everything(cfg.seed, workers=True)
@@ -126,7 +136,9 @@ def build(cfg: DictConfig) -> tuple[BilinearAutoencoderModule, L.LightningDataMo
     )
     loggers = [instantiate_clean(c) for c in (cfg.logger or {}).values()]
     callbacks = [instantiate_clean(c) for c in (cfg.callbacks or {}).values()]
-    trainer = instantiate_clean(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer = instantiate_clean(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
+    )
     return module, datamodule, trainer
 
 
@@ -156,9 +168,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, validate, export; returns the final metrics (also written to ``metrics.json``)."""
     out = Path(cfg.paths.output_dir)
     module, datamodule, trainer = build(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg, out))
-    trained = dict(trainer.callback_metrics)  # validate() below resets callback_metrics
-    final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg, out), weights_only=True)
+    trained: dict[str, Any] = {**trainer.callback_metrics}  # validate() below resets callback_metrics
+    final: dict[str, Any] = {**trainer.validate(module, datamodule=datamodule, verbose=False)[0]}
     metrics = summarize(module, trained, final, trainer.global_step)
     if trainer.is_global_zero:
         if cfg.export:
@@ -177,7 +189,9 @@ def resolve_ckpt_path(cfg: DictConfig, out: Path) -> str | None:
         raise UsageError(
             f"ckpt_path {str(path)!r} does not exist; give a Lightning .ckpt file written by bilae-train"
         )
-    return str(path)
+    from bilae.cli import safe_checkpoint
+
+    return safe_checkpoint(path)  # refuses pickled code before Lightning unpickles anything
 
 
 METRIC_KEYS = ("train/mse", "train/density", "train/loss", "val/mse", "val/density")
@@ -192,7 +206,7 @@ def summarize(
     """
     logged = {k: float(v) for k, v in {**trained, **final}.items()}
     per_coder = {}
-    for i, coder in enumerate(module.coders):
+    for i, coder in enumerate(module.autoencoders):
         p = module.prefix(i)
         values = {k: logged[p + k] for k in METRIC_KEYS if p + k in logged}
         c = coder.config
@@ -211,10 +225,10 @@ def summarize(
 
 def export(module: BilinearAutoencoderModule, trainer: L.Trainer, out: Path, cfg: DictConfig) -> list[Path]:
     """Write each final autoencoder (and the best by val/mse) in the hub layout ``<dir>/<name>/``."""
-    best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+    best = next((c.best_model_path for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), "")
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"] if best else None
     folders = []
-    for i, coder in enumerate(module.coders):
+    for i, coder in enumerate(module.autoencoders):
         name = coder.config.name
         folders.append(coder.save(out / "autoencoder" / name))
         if state is not None:
@@ -242,34 +256,38 @@ def log_artifact(trainer: L.Trainer, folder: Path, name: str) -> None:
 
 
 def report_locations(out: Path, trainer: L.Trainer) -> None:
+    """Print where the run left its checkpoint, autoencoders, W&B run and report."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import WandbLogger
+
     lines = [f"run directory:  {out}"]
-    if trainer.checkpoint_callback is not None and getattr(
-        trainer.checkpoint_callback, "last_model_path", ""
-    ):
-        lines.append(f"checkpoint:     {trainer.checkpoint_callback.last_model_path}")
-    for folder in sorted(out.glob("autoencoder*/*")):
-        lines.append(f"autoencoder:    {folder}")
+    checkpoint = trainer.checkpoint_callback
+    if isinstance(checkpoint, ModelCheckpoint) and checkpoint.last_model_path:
+        lines.append(f"checkpoint:     {checkpoint.last_model_path}")
+    lines += [f"autoencoder:    {folder}" for folder in sorted(out.glob("autoencoder*/*"))]
     for logger in trainer.loggers:
-        if type(logger).__name__ == "WandbLogger":
+        if isinstance(logger, WandbLogger):
             lines.append(f"W&B run:        {logger.experiment.dir}  (offline: `wandb sync` uploads it)")
-    for report in sorted(out.glob("report*.html")):
-        lines.append(f"report:         {report}")
+    lines += [f"report:         {report}" for report in sorted(out.glob("report*.html"))]
     print("\n".join(lines), flush=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _main(cfg: DictConfig) -> float | None:
-    try:
+    from bilae.cli import ensure_writable, reported
+
+    with reported("bilae-train", where=cfg.paths.output_dir):
+        ensure_writable(cfg.paths.output_dir)
         metrics = run(cfg)
-    except BilaeError as err:
-        print(f"bilae-train: error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
     return metrics.get("val/mse")
 
 
 def main() -> None:
     """Console script ``bilae-train``."""
-    _main()
+    from bilae.cli import reported
+
+    with reported("bilae-train"):
+        _main()
 
 
 if __name__ == "__main__":

@@ -119,14 +119,16 @@ def test_n_ctx_too_small(tokenizer, n_ctx):
 
 
 def test_empty_corpus_names_the_source(tokenizer):
-    with pytest.raises(DataError, match="text source 'files' yielded no tokens"):
-        tokenize_corpus(["", ""], tokenizer, 16, source="files")
+    with pytest.raises(DataError, match="corpus is empty: text source 'files' yielded no tokens"):
+        tokenize_corpus(["", ""], tokenizer, 16, source="'files'")
 
 
 # -------------------------------------------------------- splits, shards
 def test_n_validation():
     assert n_validation(100, 0.05) == 5 and n_validation(100, 7) == 7 and n_validation(100, 0) == 0
-    with pytest.raises(DataError, match="cannot hold out 100 validation sequences from 100"):
+    with pytest.raises(
+        DataError, match="corpus is too short: cannot hold out 100 validation sequences from 100"
+    ):
         n_validation(100, 100)
     with pytest.raises(UsageError, match=r"fraction must be in \[0, 1\), got 1.5"):
         n_validation(100, 1.5)
