@@ -1,0 +1,259 @@
+"""One autoencoder plus one small activation sample: every analysis computed once, on demand.
+
+The callbacks, ``bilae-analyze`` and the HTML report all ask the same questions (which latents are interesting,
+their overlaps, forms, spectra, manifolds, contexts); an :class:`AnalysisSession` answers each once and caches
+the answer, so asking twice (say a callback and then the report at fit end) costs nothing. Pure: no logging.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bilae.analysis.composites import CompositeAtlas, composite_atlas
+from bilae.analysis.examples import ActivationExamples, collect_examples
+from bilae.analysis.forms import QuadraticForm, Spectrum, latent_form, quadratic_form, spectrum
+from bilae.analysis.manifold import ManifoldSample, hover_texts, sample_manifold
+from bilae.analysis.notebook import activation_batches, token_batches
+from bilae.analysis.overlap import (
+    OverlapStats,
+    bottleneck,
+    check_indices,
+    latent_vectors,
+    overlap_rows,
+    overlap_stats,
+)
+from bilae.errors import DataError
+
+Batch = tuple[Tensor, ...]
+
+
+def next_token_predictor(model: nn.Module) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """``predict(input_ids, attention_mask) -> (B, T)`` top next-token ids from a *full* forward of ``model``.
+
+    ``None`` when the model has no LM head (e.g. MiniLM, a BERT encoder), so hover texts show no prediction.
+    """
+    from bilae.lm import lm_head
+
+    if lm_head(model) is None:
+        return None
+    extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+
+    @torch.no_grad()
+    def predict(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        device = next(model.parameters()).device
+        out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **extra)
+        return out.logits.argmax(-1)
+
+    return predict
+
+
+def harvest_sample(
+    harvest: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    batch_size: int = 8,
+    predict: Callable[[Tensor, Tensor], Tensor] | None = None,
+    device: str | torch.device = "cpu",
+) -> list[Batch]:
+    """Activation batches ``(acts, mask, ids[, predicted ids])`` of some token sequences, moved to ``device``.
+
+    Raises:
+        DataError: no sequence given, or none holds a real token.
+    """
+    if input_ids.shape[0] == 0:
+        raise DataError("the analysis sample is empty: no validation sequences to harvest")
+    data = {"input_ids": input_ids, "attention_mask": attention_mask}
+    harvest_device = _device_of(harvest)
+    tokens = (
+        {k: v.to(harvest_device) for k, v in batch.items()} for batch in token_batches(data, batch_size)
+    )
+    batches = [tuple(t.to(device) for t in batch) for batch in activation_batches(tokens, harvest, predict)]
+    if not any(bool(b[1].any()) for b in batches):
+        raise DataError(
+            f"the analysis sample is empty: {input_ids.shape[0]} sequences hold no real (unmasked) tokens"
+        )
+    return batches
+
+
+class AnalysisSession:
+    """Cached analyses of ``coder`` on a fixed activation sample.
+
+    Args:
+        coder: a bilinear autoencoder (any kind; overlaps, GED and the atlas need a bottleneck).
+        batches: activation batches from :func:`harvest_sample` (may be empty for weight-only analyses).
+        tokenizer: decodes token ids for hover texts and contexts (``None`` shows ids).
+    """
+
+    def __init__(self, coder: nn.Module, batches: Sequence[Batch], tokenizer: Any = None) -> None:
+        # Analyses want float32 (eigh has no bfloat16); the trained module is never touched.
+        weight = next(coder.parameters())
+        self.coder = coder if weight.dtype == torch.float32 else copy.deepcopy(coder).float()
+        self.device = weight.device
+        self.batches = [tuple(t.to(self.device) for t in b) for b in batches]
+        self.tokenizer = CachedDecoder(tokenizer) if tokenizer is not None else None
+        self.m = int(self.coder.config.d_features)
+        self._forms: dict[int, QuadraticForm] = {}
+        self._spectra: dict[int, Spectrum] = {}
+        self._manifolds: dict[tuple[int, int], tuple[ManifoldSample, list[str]]] = {}
+        self._examples: dict[tuple[int, ...], ActivationExamples] = {}
+        self._atlases: dict[int | None, tuple[CompositeAtlas, Tensor]] = {}
+
+    @property
+    def has_bottleneck(self) -> bool:
+        """Whether the coder has a bottleneck D (mixed, combined): needed for overlaps, GED and the atlas."""
+        return getattr(self.coder, "down", None) is not None
+
+    @property
+    def kind(self) -> str:
+        return str(self.coder.config.kind)
+
+    @property
+    def has_sample(self) -> bool:
+        """Whether there are real tokens to project (manifolds) or quote (contexts)."""
+        return self.n_tokens > 0
+
+    @property
+    def n_tokens(self) -> int:
+        """Real tokens in the sample."""
+        return int(sum(int(b[1].sum()) for b in self.batches))
+
+    @cached_property
+    def stats(self) -> OverlapStats:
+        """GED and participation ratio of every overlap row (raises UsageError without a bottleneck)."""
+        return overlap_stats(self.coder)
+
+    def atlas(self, rows: int | None = None) -> tuple[CompositeAtlas, Tensor]:
+        """Statistics of the bottleneck composites B_k and the rows k they describe.
+
+        Args:
+            rows: analyse only this many rows, those with the largest ‖D_k‖ (``None``: all b rows). Each dense
+                row costs a d×d eigen-decomposition, so all rows at d = 384, b = 768 take tens of seconds on a
+                CPU. Raises UsageError without a bottleneck.
+        """
+        if rows not in self._atlases:
+            down = bottleneck(self.coder)
+            picked = torch.arange(down.shape[0], device=down.device)
+            if rows is not None and rows < down.shape[0]:
+                picked = down.norm(dim=1).topk(max(rows, 1)).indices.sort().values
+            left, right = latent_vectors(self.coder)
+            with one_thread():
+                atlas = composite_atlas((left, right, down[picked]), dtype=torch.float32)
+            self._atlases[rows] = (atlas, picked)
+        return self._atlases[rows]
+
+    @cached_property
+    def strength(self) -> Tensor:
+        """(m,) mean |f_j| over the sample's real tokens."""
+        self._require_sample()
+        total = torch.zeros(self.m, device=self.device)
+        with torch.no_grad():
+            for acts, mask, *_ in self.batches:
+                if mask.any():
+                    total += self.coder.features(acts[mask].float()).abs().sum(0)
+        return total / max(self.n_tokens, 1)
+
+    def choose(self, features: Sequence[int] | int | None = None, n: int = 4, skip: int = 5) -> list[int]:
+        """The latents to show: ``features`` if given (checked), else the top-``n`` by GED after skipping the
+        ``skip`` densest rows (the seed notebook's advice), or the top-``n`` by mean |f| without a bottleneck.
+        """
+        if features is not None:
+            return [int(i) for i in check_indices(features, self.m)]
+        if self.has_bottleneck:
+            order = self.stats.ged.argsort(descending=True)
+            skip = min(skip, max(self.m - n, 0))
+            return [int(i) for i in order[skip : skip + n]]
+        if not self.has_sample:  # no activations: the latents with the largest weights
+            left, right = latent_vectors(self.coder)
+            return [int(i) for i in (left.norm(dim=1) * right.norm(dim=1)).topk(min(n, self.m)).indices]
+        return [int(i) for i in self.strength.topk(min(n, self.m)).indices]
+
+    def overlap_row(self, latent: int) -> Tensor:
+        """G[latent] (m,)."""
+        return overlap_rows(self.coder, [latent])[0]
+
+    def form(self, latent: int, k: int = 5) -> QuadraticForm:
+        """The latent's form: its top-``k`` overlaps weighted by G (with a bottleneck), else l rᵀ alone."""
+        if latent not in self._forms:
+            if self.has_bottleneck:
+                self._forms[latent] = latent_form(self.coder, latent, k=min(k, self.m))
+            else:
+                left, right = latent_vectors(self.coder)
+                idx = check_indices([latent], self.m)
+                matrix = quadratic_form(left, right, idx)
+                self._forms[latent] = QuadraticForm(matrix, idx, torch.ones(1, device=left.device))
+        return self._forms[latent]
+
+    def spectrum(self, latent: int) -> Spectrum:
+        """Eigen-decomposition of the latent's form, by |λ|."""
+        if latent not in self._spectra:
+            with one_thread():
+                self._spectra[latent] = spectrum(self.form(latent).matrix)
+        return self._spectra[latent]
+
+    def manifold(self, latent: int, k: int = 2000) -> tuple[ManifoldSample, list[str]]:
+        """The ``k`` sampled tokens with largest |x̂ᵀMx̂| on the latent's form, and their hover texts."""
+        if (latent, k) not in self._manifolds:
+            self._require_sample()
+            sample = sample_manifold(self.batches, self.form(latent), k, axes=self.spectrum(latent))
+            self._manifolds[latent, k] = (sample, hover_texts(sample, self.tokenizer))
+        return self._manifolds[latent, k]
+
+    def examples(self, latents: Sequence[int], k: int = 5) -> ActivationExamples:
+        """Max- and min-activating contexts of ``latents`` in the sample."""
+        key = (*latents, k)
+        if key not in self._examples:
+            self._require_sample()
+            self._examples[key] = collect_examples(self.batches, self._features, latents, k=k)
+        return self._examples[key]
+
+    def _features(self, acts: Tensor) -> Tensor:
+        return self.coder.features(acts.float())
+
+    def _require_sample(self) -> None:
+        if not self.has_sample:
+            raise DataError("the analysis sample is empty: no real tokens to project or show")
+
+
+class CachedDecoder:
+    """A tokenizer's ``decode`` with a memory: hover texts and contexts decode the same few ids thousands of
+    times. Everything else is passed through to the tokenizer."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[tuple[int, ...], str] = {}
+
+    def decode(self, ids: Sequence[int], **kwargs: Any) -> str:
+        if kwargs:
+            return self.tokenizer.decode(ids, **kwargs)
+        key = tuple(int(i) for i in ids)
+        if key not in self._cache:
+            self._cache[key] = self.tokenizer.decode(list(key))
+        return self._cache[key]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run CPU eigensolvers on one thread: at d ≈ 10²–10³ threads gain them little, and when the cores are
+    oversubscribed (other processes, a dataloader) multi-threaded LAPACK stalls for seconds per matrix."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _device_of(harvest: Any) -> torch.device:
+    device = getattr(harvest, "device", None)
+    return device if isinstance(device, torch.device) else torch.device("cpu")
