@@ -145,14 +145,14 @@ def split_batches(cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
 
     datamodule = build_datamodule(cfg, tokenizer)
     datamodule.setup("fit")
-    train = datamodule.train
+    train = datamodule.train  # type: ignore[attr-defined]
     if isinstance(train, TokenBatches):
         train = TokenBatches(
             train.input_ids, train.attention_mask, train.batch_size, shuffle=False, drop_last=False
         )
     elif cfg.cache.tokens is None and cfg.cache.batches is None:
         raise UsageError(f"data source {cfg.data.source!r} is streamed: set cache.tokens or cache.batches")
-    return {"train": train, "val": datamodule.val}
+    return {"train": train, "val": datamodule.val}  # type: ignore[attr-defined]
 
 
 def build_cache(cfg: DictConfig) -> dict[str, Any]:

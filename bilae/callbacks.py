@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import lightning as L
 import plotly.graph_objects as go
@@ -53,7 +53,7 @@ class TablePanel:
     rows: list[dict[str, Any]]
 
 
-Panel = go.Figure | HtmlPanel | TablePanel
+Panel: TypeAlias = go.Figure | HtmlPanel | TablePanel
 
 
 # ------------------------------------------------------------------------------------------------- logging
@@ -110,7 +110,7 @@ def sample_batches(trainer: L.Trainer, harvester: Any, sequences: int) -> list:
     if harvester is None:
         log.info("analysis: no LM in this run (activation cache): manifolds and contexts are skipped")
         return []
-    ids, mask = validation_tokens(trainer.datamodule, sequences)
+    ids, mask = validation_tokens(trainer.datamodule, sequences)  # type: ignore[attr-defined]
     log.info("analysis: harvesting %d validation sequences for the analysis sample", len(ids))
     predict = next_token_predictor(harvester.model)
     return harvest_sample(harvester, ids, mask, batch_size=8, predict=predict, device=harvester.device)

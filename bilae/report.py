@@ -140,7 +140,9 @@ def atlas_view(session: AnalysisSession, rows: int | None) -> go.Figure:
     """The atlas figure, its hover texts naming the real bottleneck rows."""
     atlas, picked = session.atlas(rows)
     shown = (
-        "" if rows is None or len(picked) == session.coder.down.shape[0] else f" ({len(picked)} largest rows)"
+        ""
+        if rows is None or len(picked) == session.coder.config.d_bottleneck
+        else f" ({len(picked)} largest rows)"
     )
     fig = atlas_figure(atlas, title=f"Composite atlas{shown}")
     fig.data[0].hovertext = [f"row {k}: support {s}" for k, s in zip(picked.tolist(), atlas.support.tolist())]

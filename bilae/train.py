@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
@@ -225,7 +226,8 @@ def summarize(
 
 def export(module: BilinearAutoencoderModule, trainer: L.Trainer, out: Path, cfg: DictConfig) -> list[Path]:
     """Write each final autoencoder (and the best by val/mse) in the hub layout ``<dir>/<name>/``."""
-    best = next((c.best_model_path for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), "")
+    monitored = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
+    best = monitored[0].best_model_path if monitored else ""
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"] if best else None
     folders = []
     for i, coder in enumerate(module.autoencoders):
@@ -257,7 +259,6 @@ def log_artifact(trainer: L.Trainer, folder: Path, name: str) -> None:
 
 def report_locations(out: Path, trainer: L.Trainer) -> None:
     """Print where the run left its checkpoint, autoencoders, W&B run and report."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import WandbLogger
 
     lines = [f"run directory:  {out}"]

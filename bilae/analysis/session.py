@@ -29,6 +29,7 @@ from bilae.analysis.overlap import (
     overlap_rows,
     overlap_stats,
 )
+from bilae.autoencoders import Autoencoder
 from bilae.errors import DataError
 
 Batch = tuple[Tensor, ...]
@@ -92,7 +93,7 @@ class AnalysisSession:
         tokenizer: decodes token ids for hover texts and contexts (``None`` shows ids).
     """
 
-    def __init__(self, coder: nn.Module, batches: Sequence[Batch], tokenizer: Any = None) -> None:
+    def __init__(self, coder: Autoencoder, batches: Sequence[Batch], tokenizer: Any = None) -> None:
         # Analyses want float32 (eigh has no bfloat16); the trained module is never touched.
         weight = next(coder.parameters())
         self.coder = coder if weight.dtype == torch.float32 else copy.deepcopy(coder).float()
