@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,10 @@ def test_save_load_round_trip_is_exact(tmp_path: Path, kind: str) -> None:
     x = torch.randn(5, 8)
     assert torch.equal(coder.features(x), loaded.features(x))
     assert not list(tmp_path.rglob("*.tmp")), "temporary files left behind"
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json"):  # the usual permissions, not mkstemp's 0600
+        assert (folder / name).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_extra_keys_survive_a_round_trip(tmp_path: Path) -> None:
