@@ -178,9 +178,43 @@ def steps_written(ckpts: Path) -> list[int]:
 
 
 @pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path: Path) -> None:
+    common = [*NO_CALLBACKS, "steps=30", "trainer.val_check_interval=100", "callbacks=[checkpoint,on_exception]",
+              "callbacks.checkpoint.every_n_train_steps=1", MONITOR_NONE]  # fmt: skip
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    slow = [
+        "+callbacks.slow._target_=tests.support.crafted.SlowCheckpointWrites",
+        f"+callbacks.slow.dirpath={ckpts}",
+    ]
+    cmd = [sys.executable, "-m", "bilae.train", *common, *slow, f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    wait_for(lambda: len(steps_written(ckpts)) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "SIGTERM" in stderr and "ckpt_path" in stderr and "Traceback" not in stderr
+    interrupted = torch.load(ckpts / "interrupted.ckpt", map_location="cpu", weights_only=True)
+    assert 1 <= interrupted["global_step"] < 30
+
+    resume = [*cmd, f"ckpt_path={ckpts / 'interrupted.ckpt'}"]
+    done = subprocess.run(resume, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = tiny_cfg(tmp_path / "reference", *common[len(NO_CALLBACKS) :])
+    module, datamodule, trainer = T.build(reference)
+    trainer.fit(module, datamodule=datamodule)
+    (folder,) = (run / "autoencoder").iterdir()
+    final = Autoencoder.load(folder)
+    for name, tensor in module.coder.state_dict().items():
+        torch.testing.assert_close(final.state_dict()[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     rng = random.Random(int(os.environ.get("BILAE_TEST_SEED", time.time_ns() % 10_000)))
-    common = [*NO_CALLBACKS, "steps=14", "trainer.val_check_interval=100", "callbacks=[checkpoint]",
+    common = [*NO_CALLBACKS, "steps=40", "trainer.val_check_interval=100", "callbacks=[checkpoint]",
               "callbacks.checkpoint.every_n_train_steps=1", MONITOR_NONE]  # fmt: skip
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
@@ -209,7 +243,7 @@ def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_p
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)  # never half-written
-        assert last["global_step"] < 14, "killed too late to test anything"
+        assert last["global_step"] < 40, "killed too late to test anything"
         resumed_from.append(last["global_step"])
     proc = launch("ckpt_path=last")
     _, stderr = proc.communicate(timeout=300)
