@@ -11,7 +11,6 @@ that they fit, harvests a small validation sample and runs the same analyses as 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,9 @@ from bilae.callbacks import (
     log_panels,
     validation_tokens,
 )
+from bilae.cli import reported
 from bilae.config import CONF_DIR
-from bilae.errors import BilaeError, CheckpointError, UsageError, choices
+from bilae.errors import CheckpointError, UsageError, choices
 from bilae.report import build_report, write_report
 from bilae.train import build_datamodule, build_harvester, check_coder_fits, instantiate_clean
 
@@ -191,16 +191,14 @@ def finish(loggers: list[Any], report: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="analyze")
 def _main(cfg: DictConfig) -> None:
-    try:
+    with reported("bilae-analyze"):
         run(cfg)
-    except BilaeError as err:
-        print(f"bilae-analyze: error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
 
 
 def main() -> None:
     """Console script ``bilae-analyze``."""
-    _main()
+    with reported("bilae-analyze"):
+        _main()
 
 
 if __name__ == "__main__":

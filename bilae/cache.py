@@ -37,9 +37,10 @@ from torch import Tensor
 
 from bilae.autoencoders import Autoencoder
 from bilae.autoencoders.checkpoint import atomic_path, atomic_write_text
+from bilae.cli import reported
 from bilae.config import CONF_DIR
 from bilae.data import TokenBatches, distributed_rank
-from bilae.errors import BilaeError, CheckpointError, DataError, UsageError, unknown
+from bilae.errors import CheckpointError, DataError, UsageError, unknown
 from bilae.hooks import Harvester
 
 log = logging.getLogger("bilae")
@@ -462,16 +463,14 @@ def coders_for_cache(cfg: DictConfig) -> list[Autoencoder]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="cache")
 def _main(cfg: DictConfig) -> None:
-    try:
+    with reported("bilae-cache"):
         build_cache(cfg)
-    except BilaeError as err:
-        print(f"bilae-cache: error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
 
 
 def main() -> None:
     """Console script ``bilae-cache``."""
-    _main()
+    with reported("bilae-cache"):
+        _main()
 
 
 if __name__ == "__main__":
