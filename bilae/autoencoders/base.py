@@ -194,7 +194,7 @@ class Autoencoder(nn.Module):
 
         Example: ``Autoencoder.from_pretrained("tdooms/qwen3-0.6b-base-scope", "mixed-l18-x16-a100-b0")``.
         """
-        from bilae.hub import resolve_checkpoint
+        from bilae.autoencoders.hub import resolve_checkpoint
 
         return Autoencoder.load(
             resolve_checkpoint(repo_or_dir, name, revision=revision), device=device, dtype=dtype

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bilae import Autoencoder
-from tests import oracle
+from tests.support import oracle
 
 BILINEAR = ["vanilla", "ordered", "mixed", "combined"]
 
