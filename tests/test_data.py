@@ -26,7 +26,6 @@ from bilae.data import (
     tokenize_corpus,
 )
 from bilae.errors import DataError, UsageError
-from tests.helpers_lm import minilm  # noqa: F401  (fixture)
 
 DOCS = [
     f"Document number {i} says: " + " ".join(f"word{j}" for j in range(i * 7 % 40 + 1)) for i in range(30)

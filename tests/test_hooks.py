@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from bilae.errors import UsageError
 from bilae.hooks import Harvester, find_layers, sink_mask
 from bilae.lm import tiny_qwen3
-from tests.helpers_lm import count_calls, minilm, qwen3_tiny  # noqa: F401  (fixtures)
+from tests.support.lm import count_calls
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Short one."]
 

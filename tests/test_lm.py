@@ -13,7 +13,6 @@ from transformers import BertModel, Qwen3ForCausalLM
 import bilae.lm as lm
 from bilae.errors import UsageError
 from bilae.lm import lm_head, load_lm, minilm_path, tiny_qwen3
-from tests.helpers_lm import minilm  # noqa: F401  (fixture)
 
 
 def frozen(model: nn.Module) -> bool:
@@ -73,7 +72,7 @@ def test_bad_dtype():
 
 
 def test_missing_hub_model_is_one_clear_error():
-    # HF_HUB_OFFLINE=1 (tests/helpers_lm.py): this fails fast instead of downloading.
+    # HF_HUB_OFFLINE=1 (tests/conftest.py): this fails fast instead of downloading.
     with pytest.raises(
         UsageError,
         match="could not load language model 'nobody/no-such-model' at revision 'abc123'.*local directory",
