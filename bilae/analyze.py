@@ -20,37 +20,20 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from bilae.analysis.overlap import bottleneck, check_indices
-from bilae.analysis.session import AnalysisSession, harvest_sample, next_token_predictor
+from bilae.analysis.overlap import check_indices
+from bilae.analysis.registry import AnalysisSettings, run_analyses, selected
+from bilae.analysis.session import AnalysisSession, validation_sample
 from bilae.autoencoders import Autoencoder
 from bilae.autoencoders.checkpoint import CONFIG_FILE
-from bilae.callbacks import (
-    AnalysisCallback,
-    AtlasCallback,
-    EffectiveDimensionCallback,
-    ExamplesCallback,
-    ManifoldCallback,
-    OverlapCallback,
-    SpectrumCallback,
-    log_panels,
-    validation_tokens,
-)
+from bilae.builders import build_datamodule, build_harvester, build_loggers, check_coder_fits
+from bilae.callbacks import log_panels, log_results
 from bilae.cli import reported
 from bilae.config import CONF_DIR
-from bilae.errors import CheckpointError, UsageError, choices
+from bilae.errors import CheckpointError, UsageError
 from bilae.report import build_report, write_report
-from bilae.train import build_datamodule, build_harvester, check_coder_fits, instantiate_clean
+from bilae.source import ActivationSource
 
 log = logging.getLogger("bilae")
-
-ANALYSES: dict[str, type[AnalysisCallback]] = {
-    "ged": EffectiveDimensionCallback,
-    "overlap": OverlapCallback,
-    "spectrum": SpectrumCallback,
-    "atlas": AtlasCallback,
-    "manifold": ManifoldCallback,
-    "examples": ExamplesCallback,
-}
 
 
 def load_checkpoint(cfg: DictConfig) -> tuple[Autoencoder, str]:
@@ -85,26 +68,13 @@ def exported_folder(run_dir: Path) -> Path:
     )
 
 
-def requested_features(cfg: DictConfig, m: int) -> list[int] | None:
-    """``feature`` and/or ``features`` as a checked list (``None``: choose automatically)."""
-    picked = ([] if cfg.feature is None else [cfg.feature]) + list(cfg.features or [])
-    if not picked:
-        return None
-    return [int(i) for i in check_indices(picked, m)]
-
-
-def selected_analyses(cfg: DictConfig, coder: Autoencoder) -> list[str]:
-    """The analyses to run; asking for a bottleneck analysis of a kind without one is an error."""
-    if cfg.analyses is None:
-        has_bottleneck = getattr(coder, "down", None) is not None
-        return [n for n, c in ANALYSES.items() if has_bottleneck or not c.needs_bottleneck]
-    names = [str(n) for n in cfg.analyses]
-    for name in names:
-        if name not in ANALYSES:
-            raise UsageError(f"unknown analysis {name!r}; valid: {choices(ANALYSES)}")
-        if ANALYSES[name].needs_bottleneck:
-            bottleneck(coder)  # raises, naming the kinds that have one
-    return names
+def analysis_settings(cfg: DictConfig, m: int) -> AnalysisSettings:
+    """The ``analysis`` settings with ``feature`` folded in and every index checked against the m latents."""
+    settings = AnalysisSettings.from_config(cfg.analysis)
+    picked = ([] if cfg.feature is None else [cfg.feature]) + list(settings.features or [])
+    settings.features = [int(i) for i in check_indices(picked, m)] if picked else None
+    selected(settings)  # unknown analyses and options fail before anything is loaded
+    return settings
 
 
 def resolve_device(device: str) -> torch.device:
@@ -122,60 +92,47 @@ def run(cfg: DictConfig) -> Path:
     log.info(
         "analyse: loaded %s (%s, %d latents) from %s", coder.config.name, coder.kind, coder.d_features, source
     )
-    features = requested_features(cfg, coder.d_features)
-    names = selected_analyses(cfg, coder)
+    settings = analysis_settings(cfg, coder.d_features)
+    if settings.run is not None:  # asked for by name: refuse what cannot run before loading the LM
+        for analysis in selected(settings):
+            if analysis.needs_bottleneck and getattr(coder, "down", None) is None:
+                raise UsageError(
+                    f"analysis {analysis.name!r} needs a bottleneck D, but a {coder.kind!r} autoencoder has none; "
+                    "kinds with a bottleneck: 'mixed' or 'combined'"
+                )
     if cfg.model.layer is None:
         cfg.model.layer = coder.config.layer
     harvester = build_harvester(cfg.model)
     check_coder_fits(coder, harvester, source=source)
     device = resolve_device(cfg.device)
     harvester.to(device)
-    session = AnalysisSession(coder.to(device), sample(cfg, harvester, device), harvester.tokenizer)
-    latents = session.choose(features, cfg.n_features, cfg.skip_densest)
+    session = AnalysisSession(coder.to(device), sample(cfg, harvester, settings, device), harvester.tokenizer)
+    latents = session.choose(settings.features, settings.n_features, settings.skip_densest)
     log.info("analyse: %d sampled tokens; latents shown: %s", session.n_tokens, latents)
-    loggers = [instantiate_clean(c) for c in (cfg.logger or {}).values()]
-    for name in names:
-        analyse_one(name, session, latents, cfg, loggers)
+    loggers = build_loggers(cfg)
+    results = run_analyses(session, latents, settings, strict=True)
+    log_results(loggers, results, step=0)
+    for result in results:
+        log.info("analyse: %s %s", result.analysis.name, result.skipped or f"took {result.seconds:.2f} s")
     start = time.perf_counter()
     summary = {"checkpoint": source, "model": f"{cfg.model.name} (layer {cfg.model.layer})"}
     report = build_report(
-        session, latents, points=cfg.points, atlas_rows=cfg.atlas_rows,
-        title=f"bilae report: {coder.config.name}", summary=summary,
-    )  # fmt: skip
+        session, latents, results, title=f"bilae report: {coder.config.name}", summary=summary
+    )
     path = write_report(cfg.report, report)
     log_panels(loggers, {}, {"analysis/time/report": time.perf_counter() - start}, step=0)
     finish(loggers, path)
     return path
 
 
-def sample(cfg: DictConfig, harvester: Any, device: torch.device) -> list:
-    """Activation batches of the first ``sample_sequences`` validation sequences (with next-token predictions)."""
-    datamodule = build_datamodule(cfg, harvester.tokenizer)
+def sample(cfg: DictConfig, harvester: Any, settings: AnalysisSettings, device: torch.device) -> list:
+    """Activation batches of the first validation sequences (with next-token predictions)."""
+    datamodule = build_datamodule(cfg, harvester.tokenizer, ActivationSource(harvester))
     datamodule.setup("validate")
-    ids, mask = validation_tokens(datamodule, cfg.sample_sequences)
-    log.info(
-        "analyse: harvesting %d sequences of %d tokens", ids.shape[0], ids.shape[1] if ids.ndim == 2 else 0
+    log.info("analyse: harvesting %d validation sequences", settings.sample_sequences)
+    return validation_sample(
+        datamodule, settings.sample_sequences, batch_size=cfg.data.batch_size, device=device
     )
-    predict = next_token_predictor(harvester.model)
-    return harvest_sample(
-        harvester, ids, mask, batch_size=cfg.data.batch_size, predict=predict, device=device
-    )
-
-
-def analyse_one(
-    name: str, session: AnalysisSession, latents: list[int], cfg: DictConfig, loggers: list[Any]
-) -> None:
-    options = {
-        "manifold": {"points": cfg.points},
-        "examples": {"k": cfg.examples},
-        "atlas": {"rows": cfg.atlas_rows},
-    }
-    callback = ANALYSES[name](features=latents, **options.get(name, {}))
-    start = time.perf_counter()
-    panels = callback.panels_for(session)
-    seconds = time.perf_counter() - start
-    log_panels(loggers, panels, {f"analysis/time/{name}": seconds}, step=0)
-    log.info("analyse: %s took %.2f s", name, seconds)
 
 
 def finish(loggers: list[Any], report: Path) -> None:

@@ -15,6 +15,7 @@ import pickle
 import sys
 import tempfile
 import traceback
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -171,7 +172,9 @@ def safe_checkpoint(path: str | Path) -> str:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; give a .ckpt file written by bilae-train")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # unknown pickle protocols in garbage files: the error below says it all
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if zipfile.is_zipfile(path):
             detail = next((line for line in str(err).splitlines() if "GLOBAL" in line), "not plain tensors")
@@ -179,9 +182,10 @@ def safe_checkpoint(path: str | Path) -> str:
                 f"refusing to load {path}: it contains pickled code/objects: {detail.strip()}"
             ) from None
         raise CheckpointError(f"checkpoint {path} is corrupt: not a PyTorch checkpoint") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - any failure to parse arbitrary bytes means a corrupt file
+        # Unpickling random bytes can fail in any way (IndexError: pop from empty list, KeyError, MemoryError...).
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({first})") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {first})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no 'state_dict')")
     return str(path)

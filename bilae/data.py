@@ -1,176 +1,26 @@
-"""Text in, token batches out: sources, tokenisation into windows, validation split, DDP shards, shuffling.
+"""Token batches for training: validation split, DDP shards, resumable iterables and the LightningDataModule.
 
-Registered text sources (``text_source(name, **kwargs)``):
-- ``pydoc``: the standard library's ``pydoc_data.topics`` (~465k characters, ~128k MiniLM tokens), offline.
-- ``files``: local ``.txt``/``.md`` (one document per file), ``.jsonl`` and ``.parquet`` (one per row) by glob.
-- ``hf``: any Hugging Face dataset through ``datasets.load_dataset`` (streamed by default).
-- ``fineweb-edu``: ``HuggingFaceFW/fineweb-edu``, config ``sample-10BT``, streamed (the paper's corpus).
-
-``ActivationDataModule`` yields *token* batches ``{"input_ids", "attention_mask"}``; the LightningModule harvests
-activations from them with the frozen LM (``bilae.hooks.Harvester``) and may mix tokens across sequences with a
-``ShuffleBuffer``. Training iterables are stateful, so a run resumed from a mid-epoch checkpoint continues with
-exactly the next batch (Lightning saves ``state_dict()`` of stateful train iterables in its checkpoints).
+``ActivationDataModule`` yields token batches ``{"input_ids", "attention_mask"}``; its activation source
+(:class:`~bilae.source.ActivationSource`) turns them into activations right after they reach the device, so the
+LightningModule receives activations. Training iterables are stateful, so a run resumed from a mid-epoch checkpoint
+continues with exactly the next batch (Lightning saves ``state_dict()`` of stateful train iterables in its
+checkpoints).
 """
 
 from __future__ import annotations
 
-import glob
-import json
 from collections.abc import Callable, Iterable, Iterator
-from functools import partial
 from itertools import islice
-from pathlib import Path
 
 import lightning as L
 import torch
 from torch import Tensor
 
+from bilae.corpus import SOURCES, STREAMED, pad_windows, text_source, token_windows, tokenize_corpus
 from bilae.errors import DataError, UsageError, unknown
+from bilae.source import ActivationSource, SourcedDataModule
 
 Batch = dict[str, Tensor]
-
-
-# ---------------------------------------------------------------------------------------------------- sources
-def pydoc_texts() -> Iterator[str]:
-    """Documents of Python's built-in help topics, in a fixed (sorted) order."""
-    from pydoc_data.topics import topics
-
-    return (topics[key] for key in sorted(topics))
-
-
-def file_texts(paths: str | list[str], text_column: str = "text") -> Iterator[str]:
-    """Documents from local files matching glob pattern(s): whole ``.txt``/``.md`` files, ``.jsonl``/``.parquet`` rows."""
-    patterns = [paths] if isinstance(paths, str) else list(paths)
-    files = sorted({f for p in patterns for f in glob.glob(str(Path(p).expanduser()), recursive=True)})
-    if not files:
-        raise DataError(f"no files match {patterns}")
-    for file in files:
-        yield from _read_file(Path(file), text_column)
-
-
-def _read_file(file: Path, text_column: str) -> Iterator[str]:
-    if file.suffix in (".txt", ".md"):
-        yield file.read_text(encoding="utf-8")
-    elif file.suffix == ".jsonl":
-        with file.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if line.strip():
-                    yield _column(json.loads(line), text_column, f"{file}:{number}")
-    elif file.suffix == ".parquet":
-        import pyarrow.parquet as pq  # a dependency of datasets
-
-        table = pq.read_table(file)
-        if text_column not in table.column_names:
-            raise DataError(f"{file} has no column {text_column!r}; columns: {table.column_names}")
-        yield from table.column(text_column).to_pylist()
-    else:
-        raise UsageError(
-            f"cannot read {file}: unknown extension {file.suffix!r}; valid: .txt, .md, .jsonl, .parquet"
-        )
-
-
-def _column(row: dict, text_column: str, where: str) -> str:
-    if text_column not in row:
-        raise DataError(f"{where} has no field {text_column!r}; fields: {sorted(row)}")
-    return row[text_column]
-
-
-def hf_texts(
-    path: str,
-    name: str | None = None,
-    split: str = "train",
-    *,
-    streaming: bool = True,
-    text_column: str = "text",
-    revision: str | None = None,
-    **kwargs,
-) -> Iterator[str]:
-    """Documents of a Hugging Face dataset (``datasets.load_dataset``), streamed by default."""
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(
-            path, name, split=split, streaming=streaming, revision=revision, **kwargs
-        )
-    except (OSError, ConnectionError, ValueError) as err:
-        raise DataError(
-            f"could not load dataset {path!r} (config {name!r}, split {split!r}): {err}"
-        ) from None
-    return (_column(row, text_column, f"dataset {path!r}") for row in dataset)
-
-
-SOURCES: dict[str, Callable[..., Iterator[str]]] = {
-    "pydoc": pydoc_texts,
-    "files": file_texts,
-    "hf": hf_texts,
-    "fineweb-edu": partial(hf_texts, "HuggingFaceFW/fineweb-edu", "sample-10BT"),
-}
-STREAMED = {"hf", "fineweb-edu"}
-
-
-def text_source(name: str, **kwargs) -> Iterator[str]:
-    """Documents of the registered source ``name`` (see the module docstring); kwargs go to the source."""
-    if name not in SOURCES:
-        raise unknown("text source", name, SOURCES)
-    return SOURCES[name](**kwargs)
-
-
-# ---------------------------------------------------------------------------------------------- tokenisation
-def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
-    """The special tokens the tokenizer puts before and after a text (BERT: [CLS] and [SEP]; Qwen3: none)."""
-    probe = "hello world"
-    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    full = tokenizer(probe)["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            return full[:start], full[start + len(plain) :]
-    raise UsageError(
-        f"cannot tell where {type(tokenizer).__name__} puts its special tokens: {full} vs {plain}"
-    )
-
-
-def token_windows(
-    texts: Iterable[str], tokenizer, n_ctx: int, docs_per_call: int = 64
-) -> Iterator[list[int]]:
-    """Chunk every document into consecutive windows of at most ``n_ctx`` tokens, special tokens included.
-
-    Long documents become several windows instead of being truncated, so small corpora are not wasted; each
-    window gets the model's own special tokens (e.g. BERT's [CLS] ... [SEP]).
-    """
-    prefix, suffix = special_affixes(tokenizer)
-    body = n_ctx - len(prefix) - len(suffix)
-    if body <= 0:
-        raise UsageError(
-            f"n_ctx must exceed the tokenizer's {len(prefix) + len(suffix)} special tokens per window; got {n_ctx}"
-        )
-    texts = iter(texts)
-    while chunk := list(islice(texts, docs_per_call)):
-        # verbose=False: documents longer than the model's max length are fine here, they are chunked below.
-        for ids in tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]:
-            for start in range(0, len(ids), body):
-                yield prefix + ids[start : start + body] + suffix
-
-
-def pad_windows(windows: list[list[int]], n_ctx: int, pad_id: int) -> tuple[Tensor, Tensor]:
-    """Right-pad windows into ``(input_ids, attention_mask)``, both (N, n_ctx) long."""
-    ids = torch.full((len(windows), n_ctx), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(windows), n_ctx), dtype=torch.long)
-    for row, window in enumerate(windows):
-        ids[row, : len(window)] = torch.tensor(window, dtype=torch.long)
-        mask[row, : len(window)] = 1
-    return ids, mask
-
-
-def tokenize_corpus(
-    texts: Iterable[str], tokenizer, n_ctx: int, max_sequences: int | None = None, source: str = "corpus"
-) -> tuple[Tensor, Tensor]:
-    """Tokenise a whole (finite) corpus into padded windows; raises DataError naming ``source`` if it is empty."""
-    windows = list(islice(token_windows(texts, tokenizer, n_ctx), max_sequences))
-    if not windows:
-        raise DataError(
-            f"the corpus is empty: text source {source} yielded no tokens; point it at files with text"
-        )
-    return pad_windows(windows, n_ctx, tokenizer.pad_token_id)
 
 
 # ----------------------------------------------------------------------------------------- splits and shards
@@ -317,88 +167,11 @@ class StreamBatches:
         self.epoch, self.position = state["epoch"], state["position"]
 
 
-# ------------------------------------------------------------------------------------------- shuffle buffer
-class ShuffleBuffer:
-    """Mixes harvested tokens across sequences, so one autoencoder batch is not a handful of documents.
-
-    ``push`` stores the real tokens of an LM batch; ``pop(n)`` removes ``n`` tokens drawn uniformly at random.
-    Storage lives on the activations' device; the draw uses a seeded CPU generator, so a run is deterministic and
-    ``state_dict()`` (contents + generator state) lets a resumed run continue exactly.
-
-    Args:
-        capacity: most tokens held; a few LM batches' worth mixes well.
-        seed: seed of the draw.
-    """
-
-    def __init__(self, capacity: int, seed: int = 0) -> None:
-        if capacity <= 0:
-            raise UsageError(f"ShuffleBuffer capacity must be positive, got {capacity}")
-        self.capacity = capacity
-        self.generator = torch.Generator().manual_seed(seed)
-        self.storage: Tensor | None = None
-        self.size = 0
-
-    def __len__(self) -> int:
-        return self.size
-
-    def push(self, acts: Tensor, mask: Tensor) -> None:
-        """Store the tokens of ``acts`` (B, T, d) where ``mask`` (B, T) is True.
-
-        Selecting the real tokens costs one host sync per push (their count); the draws in ``pop`` cost none.
-        """
-        tokens = acts[mask.bool()].detach()
-        if self.size + len(tokens) > self.capacity:
-            raise UsageError(
-                f"ShuffleBuffer overflow: {self.size} + {len(tokens)} tokens exceed capacity {self.capacity}; "
-                "pop before pushing more or raise the capacity"
-            )
-        if self.storage is None:
-            self.storage = tokens.new_empty((self.capacity, tokens.shape[-1]))
-        elif self.storage.device != tokens.device:  # restored on CPU from a checkpoint, training on GPU
-            self.storage = self.storage.to(tokens.device)
-        self.storage[self.size : self.size + len(tokens)] = tokens
-        self.size += len(tokens)
-
-    def pop(self, n: int) -> Tensor:
-        """Remove and return ``n`` random tokens, (n, d)."""
-        if not 0 < n <= self.size:
-            raise UsageError(
-                f"cannot pop {n} tokens from a ShuffleBuffer holding {self.size}; valid 1..{self.size}"
-            )
-        assert self.storage is not None
-        order = torch.randperm(self.size, generator=self.generator).to(self.storage.device, non_blocking=True)
-        batch = self.storage[order[:n]]
-        # Compact the survivors to the front (a gather, no host sync); their new order is random too.
-        self.storage[: self.size - n] = self.storage[order[n:]]
-        self.size -= n
-        return batch
-
-    def state_dict(self) -> dict:
-        stored = None if self.storage is None else self.storage[: self.size].cpu()
-        return {"tokens": stored, "generator": self.generator.get_state(), "capacity": self.capacity}
-
-    def load_state_dict(self, state: dict) -> None:
-        tokens = state["tokens"]
-        if tokens is not None and len(tokens) > self.capacity:
-            raise UsageError(
-                f"ShuffleBuffer state holds {len(tokens)} tokens, more than capacity {self.capacity}"
-            )
-        self.generator.set_state(state["generator"])
-        device = (
-            self.storage.device if self.storage is not None else "cpu"
-        )  # keep the device we were moved to
-        self.size, self.storage = 0, None
-        if tokens is not None and len(tokens):
-            self.storage = tokens.new_empty((self.capacity, tokens.shape[-1]), device=device)
-            self.storage[: len(tokens)] = tokens.to(device)
-            self.size = len(tokens)
-
-
 # ------------------------------------------------------------------------------------------------ datamodule
-class ActivationDataModule(L.LightningDataModule):
-    """Token batches for training an autoencoder; the LightningModule turns them into activations.
+class ActivationDataModule(SourcedDataModule):
+    """Token batches for training an autoencoder, turned into activations on the device by ``activations``.
 
-    Holds no LM, only its tokenizer (from ``bilae.lm.load_lm``). Finite sources are tokenised once in ``setup``
+    The LM lives in the activation source's harvester; the data module itself needs only the tokenizer. Finite sources are tokenised once in ``setup``
     into ``n_ctx`` windows; the first held-out windows form the validation set. Streamed sources (``hf``,
     ``fineweb-edu``) are tokenised on the fly. Under DDP each rank gets a disjoint, equally sized shard.
 
@@ -412,6 +185,7 @@ class ActivationDataModule(L.LightningDataModule):
         max_sequences: cap on the sequences tokenised from a finite source (``None``: all).
         seed: seed of the per-epoch shuffle.
         stream_batches: batches per epoch of a streamed source; make it at least ``max_steps``.
+        activations: the activation source (harvester and shuffling buffer); without one, batches stay tokens.
     """
 
     def __init__(
@@ -425,8 +199,9 @@ class ActivationDataModule(L.LightningDataModule):
         max_sequences: int | None = None,
         seed: int = 0,
         stream_batches: int = 1_000_000,
+        activations: ActivationSource | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(activations)
         if source not in SOURCES:
             raise unknown("text source", source, SOURCES)
         if n_ctx <= 0 or batch_size <= 0:
@@ -453,6 +228,7 @@ class ActivationDataModule(L.LightningDataModule):
         return text_source(self.source, **self.source_kwargs)
 
     def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
         if self.train is not None:  # Lightning calls setup per stage; tokenise once
             return
         rank, world_size = distributed_rank(self.trainer)
@@ -498,3 +274,16 @@ class ActivationDataModule(L.LightningDataModule):
         if self.train is None:
             self.setup("validate")
         return self.val if self.val is not None else []
+
+    def sample_tokens(self, sequences: int) -> tuple[Tensor, Tensor]:
+        """The first ``sequences`` held-out sequences (training ones without a validation split), read from memory
+        without advancing any loader's resumable state (the analysis sample)."""
+        if self.train is None:
+            self.setup("validate")
+        for split in (self.val, self.train):
+            if isinstance(split, TokenBatches):
+                return split.input_ids[:sequences], split.attention_mask[:sequences]
+        raise DataError(
+            f"the analysis sample needs in-memory token sequences: streamed source {self.source!r} has no "
+            "validation split; set data.val_sequences > 0"
+        )

@@ -16,8 +16,10 @@ from bilae.errors import UsageError
 
 # Where common Hugging Face architectures keep their block list, tried in order.
 LAYER_PATHS = (
-    "model.layers",  # Qwen3, Llama, Gemma, Mistral (...ForCausalLM)
+    "model.layers",  # Qwen3, Qwen3.5 (text), Llama, SmolLM2, Gemma3 (text), Mistral (...ForCausalLM)
     "layers",  # their base models (Qwen3Model, LlamaModel)
+    "model.language_model.layers",  # multimodal checkpoints (Qwen3.5, Gemma3 ...ForConditionalGeneration)
+    "language_model.layers",  # their base models (Qwen3_5Model, Gemma3Model)
     "encoder.layer",  # BertModel
     "bert.encoder.layer",  # BertFor...
     "transformer.h",  # GPT-2 (...LMHeadModel)
@@ -91,7 +93,8 @@ class Harvester:
 
     Args:
         model: the language model (frozen here: eval mode, no gradients).
-        tokenizer: its tokenizer; its ``all_special_ids`` (CLS/SEP/BOS/PAD-like) are masked out.
+        tokenizer: its tokenizer; its ``all_special_ids`` (CLS/SEP/BOS/PAD-like) are masked out. May be None
+            (``Autoencoder.load(model, layer=...)``): then the model config's bos/eos/pad ids are masked.
         layer: index of the block whose input is harvested, 0..n_layers-1.
         exclude_special: mask out special tokens as well as padding.
         sink_factor: if set, also mask tokens whose activation norm exceeds ``sink_factor`` times the median norm
@@ -117,7 +120,7 @@ class Harvester:
         self.layer = check_layer(layer, len(self.layers))
         self.exclude_special = exclude_special
         self.sink_factor = sink_factor
-        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+        self.special_ids = torch.tensor(special_token_ids(tokenizer, model), dtype=torch.long)
         # Causal LMs build a KV cache by default; it would be thrown away.
         self._extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
 
@@ -172,6 +175,18 @@ class Harvester:
         if self.sink_factor is not None and acts is not None:
             mask = mask & ~sink_mask(acts, mask, self.sink_factor)
         return mask
+
+
+def special_token_ids(tokenizer, model: nn.Module) -> list[int]:
+    """The tokenizer's special token ids, or without a tokenizer the model config's bos/eos/pad ids."""
+    if tokenizer is not None:
+        return sorted(set(tokenizer.all_special_ids))
+    config = getattr(model, "config", None)
+    ids: set[int] = set()
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(config, key, None)  # an int, a list of ints (several eos tokens) or None
+        ids |= {i for i in (value if isinstance(value, list) else [value]) if isinstance(i, int)}
+    return sorted(ids)
 
 
 def sink_mask(acts: Tensor, mask: Tensor, factor: float) -> Tensor:

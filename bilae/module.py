@@ -1,4 +1,4 @@
-"""The LightningModule: a frozen LM harvested at one layer feeds one or several autoencoders."""
+"""The LightningModule: one or several autoencoders stepped on the same activation batches."""
 
 from __future__ import annotations
 
@@ -11,26 +11,23 @@ from torch import Tensor, nn
 
 from bilae.autoencoders import Autoencoder
 from bilae.errors import TrainingError, UsageError
-from bilae.hooks import Harvester
 from bilae.optim import OptimizerConfig, build_optimizers, linear_schedule
 
 
 class BilinearAutoencoderModule(L.LightningModule):
-    """Trains autoencoders on the activations of a frozen LM.
+    """Trains autoencoders on activation batches ``{"acts": (N, d)}`` of real tokens.
 
-    The LM lives in a :class:`~bilae.hooks.Harvester`, outside the module's parameters and checkpoints. Batches
-    are token batches (``input_ids``, ``attention_mask``) or cached activations (``acts``, ``mask``). Each step
-    harvests once, optionally mixes tokens across sequences in a shuffling buffer, and takes one optimiser step
-    for every autoencoder on the same activations, so a sweep over α or kinds pays for the LM only once.
+    The activations come from the data side (:class:`~bilae.source.ActivationSource`: harvesting, the shuffling
+    buffer or a cache), so the frozen LM is never part of this module, its parameters or its checkpoints. Each step
+    takes one optimiser step for every autoencoder on the same activations, so a sweep over α or kinds pays for
+    the LM only once.
 
     Args:
         coders: the autoencoder to train, or several (each keeps its own metrics, clipping and export).
-        harvester: the frozen LM and its hook; ``None`` when batches already hold activations.
         optimizer: optimiser settings (Muon by default).
         max_steps: total optimiser steps, for the linear learning-rate decay.
         alpha_warmup: steps over which α·scale rises linearly from 0 to α.
         grad_clip: maximum gradient norm per autoencoder and step (0 disables clipping).
-        buffer: optional shuffling buffer (:class:`~bilae.data.ShuffleBuffer`) between harvesting and the coders.
         dead_window: a latent never active over this many steps counts as dead.
         dead_threshold: |f| above which a latent counts as active on a token.
     """
@@ -38,13 +35,11 @@ class BilinearAutoencoderModule(L.LightningModule):
     def __init__(
         self,
         coders: Autoencoder | list[Autoencoder],
-        harvester: Harvester | None = None,
         *,
         optimizer: OptimizerConfig | None = None,
         max_steps: int = 1000,
         alpha_warmup: int = 256,
         grad_clip: float = 1.0,
-        buffer: Any = None,
         dead_window: int = 256,
         dead_threshold: float = 1e-4,
     ) -> None:
@@ -54,12 +49,10 @@ class BilinearAutoencoderModule(L.LightningModule):
         if not coders or len(set(names)) != len(names):
             raise UsageError(f"need one or more autoencoders with distinct names, got {names}")
         self.coders = nn.ModuleList(coders)
-        self.harvester = harvester
         self.optimizer_config = optimizer or OptimizerConfig()
         self.max_steps = max_steps
         self.alpha_warmup = alpha_warmup
         self.grad_clip = grad_clip
-        self.buffer = buffer
         self.dead_window = dead_window
         self.dead_threshold = dead_threshold
         self.automatic_optimization = False  # Muon for matrices and AdamW for vectors are two optimisers.
@@ -81,48 +74,19 @@ class BilinearAutoencoderModule(L.LightningModule):
         )
 
     @property
-    def autoencoders(self) -> list[Autoencoder]:
-        """The autoencoders, typed (``self.coders`` is the ModuleList that registers them)."""
-        return list(self.coders)  # type: ignore[arg-type]
-
-    @property
     def coder(self) -> Autoencoder:
         """The (first) autoencoder."""
-        return self.autoencoders[0]
+        return self.typed_coders()[0]
+
+    def typed_coders(self) -> list[Autoencoder]:
+        """``self.coders`` (the ModuleList that registers them) as a typed list."""
+        return list(self.coders)  # type: ignore[arg-type]
 
     def prefix(self, i: int) -> str:
         """Metric prefix of coder ``i``: none for a single coder, its name when several train together."""
-        return "" if len(self.coders) == 1 else f"{self.autoencoders[i].config.name}/"
+        return "" if len(self.coders) == 1 else f"{self.typed_coders()[i].config.name}/"
 
-    # ------------------------------------------------------------------------------------------ data flow
-    def setup(self, stage: str) -> None:
-        if self.harvester is not None:
-            self.harvester.to(self.device)
-
-    def activations(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """(acts (…, d), mask (…)) of a batch: harvested from tokens, or read as they are from a cache."""
-        if "acts" in batch:
-            return batch["acts"], batch["mask"].bool()
-        if self.harvester is None:
-            raise UsageError(
-                "batches hold tokens but no language model was loaded to harvest activations from"
-            )
-        return self.harvester(batch["input_ids"], batch["attention_mask"])
-
-    def mix(self, acts: Tensor, mask: Tensor) -> Tensor:
-        """Push a batch's real tokens into the shuffling buffer and draw as many random ones back.
-
-        While the buffer is below half its capacity it keeps half of what comes in, so it fills over the first
-        steps and then holds a steady reserve of tokens from many earlier sequences.
-        """
-        before = len(self.buffer)
-        self.buffer.push(acts, mask)
-        pushed = len(self.buffer) - before
-        if pushed == 0:
-            raise TrainingError(f"step {self.global_step}: the batch has no real tokens to train on")
-        warm = len(self.buffer) >= self.buffer.capacity // 2
-        return self.buffer.pop(pushed if warm else max(1, pushed // 2))
-
+    # ------------------------------------------------------------------------------------------ schedule
     def alpha_scale(self) -> float:
         """Warm-up factor s(t) = min(1, t / warmup) of the sparsity term."""
         if self.alpha_warmup <= 0:
@@ -131,17 +95,13 @@ class BilinearAutoencoderModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        acts, mask = self.activations(batch)
-        tokens = self.mix(acts, mask) if self.buffer is not None else None
+        acts = batch["acts"]  # (N, d): the real tokens, from the data module's activation source
         scale = self.alpha_scale()
         total = acts.new_zeros((), dtype=torch.float32)
         log: dict[str, Tensor] = {}
         n_tokens = 0
-        for i, coder in enumerate(self.autoencoders):
-            if tokens is not None:
-                loss, metrics, f = coder.loss_and_features(tokens, None, scale)
-            else:
-                loss, metrics, f = coder.loss_and_features(acts, mask, scale)
+        for i, coder in enumerate(self.typed_coders()):
+            loss, metrics, f = coder.loss_and_features(acts, None, scale)
             total = total + loss
             n_tokens = f.shape[0]
             dead = self._track_dead(i, f)
@@ -173,7 +133,7 @@ class BilinearAutoencoderModule(L.LightningModule):
         self.manual_backward(loss)
         norms = {}
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        for i, coder in enumerate(self.autoencoders):
+        for i, coder in enumerate(self.typed_coders()):
             params = [p for p in coder.parameters() if p.grad is not None]
             norms[f"{self.prefix(i)}train/grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm)
         # Only the first optimiser steps through Lightning: each LightningOptimizer.step() advances global_step,
@@ -194,13 +154,13 @@ class BilinearAutoencoderModule(L.LightningModule):
         return (steps >= self.dead_window).float().mean()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        acts, mask = self.activations(batch)
-        n_tokens = int(mask.sum())
+        acts = batch["acts"]  # (N, d) real tokens
+        n_tokens = acts.shape[0]
         if n_tokens == 0:
             return
         mses = []
-        for i, coder in enumerate(self.autoencoders):
-            _, metrics = coder.loss(acts, mask)
+        for i, coder in enumerate(self.typed_coders()):
+            _, metrics = coder.loss(acts)
             p = self.prefix(i)
             mses.append(metrics["mse"])
             self.log(f"{p}val/density", metrics["density"], batch_size=n_tokens, sync_dist=True)
@@ -219,12 +179,3 @@ class BilinearAutoencoderModule(L.LightningModule):
         optimizers = build_optimizers(self.coders, self.optimizer_config)
         schedulers = [linear_schedule(opt, self.max_steps, self.optimizer_config) for opt in optimizers]
         return optimizers, [{"scheduler": s, "interval": "step"} for s in schedulers]
-
-    # ---------------------------------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.buffer is not None:
-            checkpoint["shuffle_buffer"] = self.buffer.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.buffer is not None and "shuffle_buffer" in checkpoint:
-            self.buffer.load_state_dict(checkpoint["shuffle_buffer"])

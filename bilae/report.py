@@ -1,10 +1,9 @@
 """A self-contained offline HTML report: plotly.js inlined once, no CDN, no network.
 
-Sections: a manifold viewer (one 3-D plot and a dropdown that switches between the chosen latents' manifolds,
-like the paper's online demo), effective dimension (GED), overlaps, spectra, the composite atlas, and the
-max/min-activating contexts. ``build_report`` collects the figures from an
-:class:`~bilae.analysis.session.AnalysisSession`; ``render_report`` turns them into one HTML string;
-``write_report`` writes it atomically.
+A manifold viewer (one 3-D plot and a dropdown that switches between the chosen latents' manifolds, like the
+paper's online demo), then one section per registered analysis (:mod:`bilae.analysis.analyses`, in registry
+order). ``build_report`` arranges the results of :func:`~bilae.analysis.registry.run_analyses`;
+``render_report`` turns them into one HTML string; ``write_report`` writes it atomically.
 """
 
 from __future__ import annotations
@@ -19,19 +18,10 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import plotly.offline
 
-from bilae.analysis import (
-    atlas_figure,
-    context_records,
-    ged_figure,
-    manifold_figure,
-    overlap_histogram,
-    spectrum_figure,
-    to_html,
-)
+from bilae.analysis.registry import AnalysisResult, HtmlPanel
 from bilae.analysis.session import AnalysisSession
 from bilae.autoencoders.checkpoint import atomic_write_text
 
-NO_BOTTLENECK = "skipped: a {kind!r} autoencoder has no bottleneck D (kinds with one: mixed, combined)"
 DIGITS = 4  # decimals kept for manifold coordinates: the viewer needs no more, and the report stays small
 
 
@@ -54,26 +44,21 @@ class Report:
     manifolds: dict[str, go.Figure]
     """Dropdown label → 3-D manifold figure."""
     sections: list[Section]
+    viewer_note: str = ""
 
 
 def build_report(
     session: AnalysisSession,
     latents: Sequence[int],
+    results: Sequence[AnalysisResult],
     *,
-    points: int = 2000,
-    atlas_rows: int | None = 64,
     title: str = "bilae report",
     summary: dict[str, str] | None = None,
 ) -> Report:
-    """Collect the report's figures for ``latents`` (choose them with ``session.choose``).
+    """The report of ``results`` (from :func:`~bilae.analysis.registry.run_analyses`), in registry order.
 
-    Args:
-        session: the autoencoder and its activation sample.
-        latents: the latents whose overlaps, spectra, manifolds and contexts are shown.
-        points: tokens per manifold.
-        atlas_rows: composites in the atlas, those with the largest ‖D_k‖ (``None``: all).
-        title: page title.
-        summary: extra lines for the summary table.
+    Panels of viewer analyses (the manifolds) go into the dropdown, labelled by their figure titles; every other
+    analysis is a section with its figures and HTML (tables go to W&B only); a skipped one says why.
     """
     config = session.coder.config
     info = {
@@ -85,75 +70,25 @@ def build_report(
         "latents shown": ", ".join(map(str, latents)),
         **(summary or {}),
     }
-    manifolds = {}
-    for i in latents if session.has_sample else []:
-        sample, hover = session.manifold(i, points)
-        lam = ", ".join(f"{v:.3g}" for v in sample.eigenvalues.tolist())
-        manifolds[f"latent {i} (λ: {lam})"] = manifold_figure(sample, hover, title=f"Manifold of latent {i}")
-    return Report(
-        title=title, summary=info, manifolds=manifolds, sections=_sections(session, latents, atlas_rows)
-    )
-
-
-def _sections(session: AnalysisSession, latents: Sequence[int], atlas_rows: int | None) -> list[Section]:
-    skipped = NO_BOTTLENECK.format(kind=session.kind)
-    if session.has_bottleneck:
-        ged = Section("Effective dimension", "GED of each overlap row G[i]", [ged_figure(session.stats.ged)])
-        overlaps = Section(
-            "Overlaps",
-            "histograms of G[i] for the shown latents",
-            [overlap_histogram(session.overlap_row(i), title=f"Overlaps of latent {i}") for i in latents],
-        )
-        atlas = Section(
-            "Composite atlas", "one point per bottleneck row B_k", [atlas_view(session, atlas_rows)]
-        )
-    else:
-        ged, overlaps, atlas = (
-            Section(title, skipped) for title in ("Effective dimension", "Overlaps", "Composite atlas")
-        )
-    spectra = Section(
-        "Spectra",
-        "eigenvalues of each latent's quadratic form, by |λ|",
-        [spectrum_figure(session.spectrum(i), title=f"Spectrum of latent {i}") for i in latents],
-    )
-    title = "Max- and min-activating contexts"
-    if not session.has_sample:
-        return [ged, overlaps, spectra, atlas, Section(title, "skipped: no activation sample")]
-    examples = session.examples(list(latents))
-    contexts = "\n".join(
-        to_html(
-            [r for w in ("max", "min") for r in context_records(examples, session.tokenizer, i, w)],
-            title=f"latent {i}",
-        )
-        for i in latents
-    )
-    return [
-        ged,
-        overlaps,
-        spectra,
-        atlas,
-        Section(title, f"in {session.n_tokens} sampled tokens", html=contexts),
-    ]
-
-
-def atlas_view(session: AnalysisSession, rows: int | None) -> go.Figure:
-    """The atlas figure, its hover texts naming the real bottleneck rows."""
-    atlas, picked = session.atlas(rows)
-    shown = (
-        ""
-        if rows is None or len(picked) == session.coder.config.d_bottleneck
-        else f" ({len(picked)} largest rows)"
-    )
-    fig = atlas_figure(atlas, title=f"Composite atlas{shown}")
-    fig.data[0].hovertext = [f"row {k}: support {s}" for k, s in zip(picked.tolist(), atlas.support.tolist())]
-    return fig
+    manifolds: dict[str, go.Figure] = {}
+    sections, viewer_note = [], ""
+    for result in results:
+        analysis = result.analysis
+        figures = [p for p in result.panels.values() if isinstance(p, go.Figure)]
+        if analysis.viewer:
+            manifolds |= {str(fig.layout.title.text or key): fig for key, fig in zip(result.panels, figures)}
+            viewer_note = result.skipped or analysis.note
+            continue
+        fragment = "\n".join(p.html for p in result.panels.values() if isinstance(p, HtmlPanel))
+        sections.append(Section(analysis.title, result.skipped or analysis.note, figures, fragment))
+    return Report(title, info, manifolds, sections, viewer_note)
 
 
 # ------------------------------------------------------------------------------------------------ render
 def render_report(report: Report) -> str:
     """The whole report as one HTML document (plotly.js inlined once)."""
     parts = [_head(report.title), f"<h1>{html.escape(report.title)}</h1>", _summary(report.summary)]
-    parts.append(_viewer(report.manifolds))
+    parts.append(_viewer(report.manifolds, report.viewer_note))
     for number, section in enumerate(report.sections):
         parts.append(_section(section, number))
     parts.append("</body></html>")
@@ -219,7 +154,7 @@ def _summary(summary: dict[str, str]) -> str:
     return f'<table class="summary">{rows}</table>'
 
 
-def _viewer(manifolds: dict[str, go.Figure]) -> str:
+def _viewer(manifolds: dict[str, go.Figure], note: str) -> str:
     options = "".join(
         f'<option value="{i}">{html.escape(label)}</option>' for i, label in enumerate(manifolds)
     )
@@ -227,8 +162,7 @@ def _viewer(manifolds: dict[str, go.Figure]) -> str:
     data = _script_json(views)
     return (
         '<section class="viewer" id="manifolds"><h2>Manifolds</h2>'
-        '<p class="note">Real tokens projected on the three eigenvectors of largest |λ| of each latent\'s '
-        "quadratic form, coloured by x̂ᵀMx̂; hover a point for its context [token] → the model's prediction.</p>"
+        f'<p class="note">{html.escape(note)}</p>'
         f'<label>Manifold: <select id="manifold-select">{options}</select></label>'
         '<div id="manifold-plot"></div><p id="manifold-status" class="note">drawing…</p>'
         f'<script type="application/json" id="manifold-data">{data}</script>'

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from bilae.autoencoders import fast_loss
-from bilae.cache import build_cache
+from bilae.cache_writer import build_cache
 from bilae.config import compose
 from bilae.lm import load_lm
 
@@ -365,10 +365,10 @@ def text_overrides(args: argparse.Namespace) -> list[str]:
 
 def fit_rate(overrides: list[str], warm: int, timed: int) -> dict[str, Any]:
     """Train ``warm + timed`` steps through ``trainer.fit``; seconds per step and tokens/s over the timed steps."""
-    from bilae import train as T
+    from bilae.builders import build
 
     cfg = compose("train", [*overrides, f"steps={warm + timed}"])
-    module, datamodule, trainer = T.build(cfg)
+    module, datamodule, trainer = build(cfg)
     clock = StepClock()
     trainer.callbacks.append(clock)
     trainer.fit(module, datamodule=datamodule)
@@ -377,10 +377,10 @@ def fit_rate(overrides: list[str], warm: int, timed: int) -> dict[str, Any]:
             "module": module, "datamodule": datamodule}  # fmt: skip
 
 
-def live_tokens_per_batch(module: Any, datamodule: Any) -> int:
+def live_tokens_per_batch(datamodule: Any) -> int:
     """Mean number of tokens the harvester keeps from a training batch (what a live step trains on)."""
     train = datamodule.train
-    kept = module.harvester.token_mask(train.input_ids, train.attention_mask).sum()
+    kept = datamodule.activations.harvester.token_mask(train.input_ids, train.attention_mask).sum()
     return int(kept) * train.batch_size // len(train.input_ids)
 
 
@@ -392,7 +392,7 @@ def section_training(args: argparse.Namespace) -> dict[str, Any]:
         base = demo_overrides(args, tmp)
         live = [*base, *text_overrides(args), "buffer_tokens=0"]
         probe = fit_rate(live, 1, 1)
-        per_batch = live_tokens_per_batch(probe["module"], probe["datamodule"])
+        per_batch = live_tokens_per_batch(probe["datamodule"])
         cache_dir = f"{tmp}/cache"
         model = ["model=qwen3-tiny"] if args.quick else []
         # Shards of 4 batches, one per window: loading and shuffling happen inside the timed steps.
@@ -408,9 +408,9 @@ def section_training(args: argparse.Namespace) -> dict[str, Any]:
             order = [("live", live), ("cache", cached), ("multi", multi)]
             for name, overrides in order[r % 3 :] + order[: r % 3]:
                 runs[name].append(fit_rate(overrides, warm, timed))
-            module, datamodule = runs["live"][-1]["module"], runs["live"][-1]["datamodule"]
+            datamodule = runs["live"][-1]["datamodule"]
             batch = next(iter(datamodule.val))
-            harvest_once = functools.partial(module.harvester, **batch)
+            harvest_once = functools.partial(datamodule.activations.harvester, **batch)
             harvest.append(statistics.median(interleaved({"h": harvest_once}, 3)["h"]))
     step = {name: [run["step"] for run in values] for name, values in runs.items()}
     rate = {name: [run["tokens_per_s"] for run in values] for name, values in runs.items()}

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from bilae.lm import load_lm
+from tests.support import configs
 
 
 @pytest.fixture(autouse=True)
@@ -54,3 +55,22 @@ def minilm():
 def qwen3_tiny():
     """(Qwen3ForCausalLM, MiniLM tokenizer): 4 layers, d=64, random weights."""
     return _qwen3_tiny()
+
+
+# ------------------------------------------------------------------------------------------------ configs
+@pytest.fixture
+def cfg_train(tmp_path):
+    """``cfg_train(*overrides, out=tmp_path)``: the tiny bilae-train config (tests/support/configs.py)."""
+    return lambda *overrides, out=tmp_path: configs.train_cfg(out, *overrides)
+
+
+@pytest.fixture
+def cfg_analyze(tmp_path):
+    """``cfg_analyze(*overrides, out=tmp_path)``: the tiny bilae-analyze config."""
+    return lambda *overrides, out=tmp_path: configs.analyze_cfg(out, *overrides)
+
+
+@pytest.fixture
+def cfg_cache(tmp_path):
+    """``cfg_cache(*overrides, directory=tmp_path / "cache")``: the tiny bilae-cache config."""
+    return lambda *overrides, directory=tmp_path / "cache": configs.cache_cfg(directory, *overrides)

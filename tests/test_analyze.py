@@ -7,24 +7,11 @@ from pathlib import Path
 
 import pytest
 import wandb
-from omegaconf import DictConfig, open_dict
 
 from bilae import Autoencoder
 from bilae import analyze as A
-from bilae.config import compose
 from bilae.errors import CheckpointError, DataError, UsageError
-
-TINY = [
-    "model=qwen3-tiny",
-    "data.n_ctx=32",
-    "data.batch_size=4",
-    "data.val_sequences=8",
-    "data.max_sequences=40",
-    "sample_sequences=8",
-    "points=100",
-    "n_features=3",
-    "atlas_rows=16",
-]
+from tests.support.configs import TINY_ANALYZE, analyze_cfg
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +24,11 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def analyze_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
-    cfg = compose("analyze", [*TINY, "logger=none", f"paths.output_dir={tmp_path}", *overrides])
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
 @pytest.mark.slow
 def test_analyze_in_process_takes_the_layer_from_the_checkpoint(checkpoints: Path, tmp_path: Path) -> None:
-    cfg = analyze_cfg(tmp_path, f"checkpoint={checkpoints}", "name=mixed-l01", "features=[4,9]", "feature=2")
+    cfg = analyze_cfg(
+        tmp_path, f"checkpoint={checkpoints}", "name=mixed-l01", "analysis.features=[4,9]", "feature=2"
+    )
     assert cfg.model.layer is None
     report = A.run(cfg)
     assert cfg.model.layer == 1
@@ -75,7 +57,9 @@ def cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
 def test_bilae_analyze_cli_logs_to_wandb_offline(
     checkpoints: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    code = cli(monkeypatch, *TINY, f"checkpoint={checkpoints}/vanilla-l01", f"hydra.run.dir={tmp_path}")
+    code = cli(
+        monkeypatch, *TINY_ANALYZE, f"checkpoint={checkpoints}/vanilla-l01", f"hydra.run.dir={tmp_path}"
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert f"report:         {tmp_path / 'report.html'}" in out and "W&B run:" in out
@@ -100,13 +84,14 @@ def test_cli_error_is_one_line_with_exit_code_2(tmp_path: Path, monkeypatch, cap
     ("overrides", "error", "message"),
     [
         (["feature=500"], UsageError, r"feature index 500 is out of range; valid: 0 to 127"),
-        (["features=[1,-1]"], UsageError, r"feature index -1 is out of range"),
+        (["analysis.features=[1,-1]"], UsageError, r"feature index -1 is out of range"),
         (
-            ["name=vanilla-l01", "analyses=[spectrum,overlap]"],
+            ["name=vanilla-l01", "analysis.run=[spectrum,overlap]"],
             UsageError,
             r"'vanilla'.*'mixed' or 'combined'",
         ),
-        (["analyses=[pca]"], UsageError, r"unknown analysis 'pca'; valid: .*'manifold'"),
+        (["analysis.run=[pca]"], UsageError, r"unknown analysis 'pca'; valid: .*'manifold'"),
+        (["+analysis.options.atlas.colums=3"], UsageError, r"unknown option 'colums' of analysis 'atlas'"),
         (["name=nothing-here"], CheckpointError, r"no checkpoint named 'nothing-here'.*mixed-l01"),
     ],
 )
@@ -135,7 +120,7 @@ def test_checkpoint_must_fit_the_model_and_the_sample_must_not_be_empty(
     with pytest.raises(CheckpointError, match=r"trained at layer 1.*hooked at layer 3"):
         A.run(analyze_cfg(tmp_path, f"checkpoint={checkpoints}/mixed-l01", "model.layer=3"))
     with pytest.raises(DataError, match=r"analysis sample is empty"):
-        A.run(analyze_cfg(tmp_path, f"checkpoint={checkpoints}/mixed-l01", "sample_sequences=0"))
+        A.run(analyze_cfg(tmp_path, f"checkpoint={checkpoints}/mixed-l01", "analysis.sample_sequences=0"))
 
 
 @pytest.mark.slow

@@ -7,33 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import DictConfig, open_dict
 from safetensors.torch import load_file, save_file
 
 from bilae import Autoencoder
+from bilae import builders as B
 from bilae import train as T
-from bilae.cache import CachedTokens, build_cache, read_meta, shard_paths
-from bilae.config import compose
+from bilae.cache_reader import CachedTokens, read_meta, shard_paths
+from bilae.cache_writer import build_cache
 from bilae.errors import CheckpointError, DataError, UsageError
-from tests.test_train import TINY, tiny_cfg
-
-TINY_CACHE = [
-    "model=qwen3-tiny",
-    "data.n_ctx=32",
-    "data.batch_size=4",
-    "data.val_sequences=8",
-    "data.max_sequences=160",
-    "cache.shard_tokens=1000",
-]
-
-
-def cache_cfg(directory: Path, *overrides: str) -> DictConfig:
-    cfg = compose(
-        "cache", [*TINY_CACHE, f"cache.dir={directory}", f"paths.output_dir={directory}", *overrides]
-    )
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+from tests.support.configs import cache_cfg, cached_train_cfg, train_cfg
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +32,6 @@ def fp32_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def cached_cfg(tmp_path: Path, cache: Path, *overrides: str) -> DictConfig:
-    """The tiny training config reading ``cache`` (TINY's data.* options belong to the text data modules)."""
-    tiny = [o for o in TINY if not o.startswith("data.")]
-    cfg = compose(
-        "train", [*tiny, "data=cache", f"data.dir={cache}", f"paths.output_dir={tmp_path}", *overrides]
-    )
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
 def read_split(directory: Path, split: str) -> dict[str, torch.Tensor]:
     meta = read_meta(directory)
     shards = [load_file(str(path)) for path, _ in shard_paths(directory, meta, split)]
@@ -70,8 +41,8 @@ def read_split(directory: Path, split: str) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------- round trip
 def test_cache_round_trip_equals_live_harvest(fp16_cache: Path) -> None:
     cfg = cache_cfg(fp16_cache)
-    harvester = T.build_harvester(cfg.model)
-    datamodule = T.build_datamodule(cfg, harvester.tokenizer)
+    harvester = B.build_harvester(cfg.model)
+    datamodule = B.build_datamodule(cfg, harvester.tokenizer)
     datamodule.setup("fit")
     meta = read_meta(fp16_cache)
     assert (meta["model"], meta["layer"], meta["d_model"], meta["n_ctx"], meta["dtype"]) == (
@@ -153,8 +124,8 @@ def test_training_from_the_cache_matches_live_harvesting(
     fp32_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     common = ["steps=60", "trainer.val_check_interval=60", "buffer_tokens=0"]
-    live_module, live_data, live_trainer = T.build(
-        tiny_cfg(tmp_path / "live", *common, "data.max_sequences=160")
+    live_module, live_data, live_trainer = B.build(
+        train_cfg(tmp_path / "live", *common, "data.max_sequences=160")
     )
     live_initial = live_trainer.validate(live_module, datamodule=live_data, verbose=False)[0]["val/mse"]
     live_trainer.fit(live_module, datamodule=live_data)
@@ -163,15 +134,15 @@ def test_training_from_the_cache_matches_live_harvesting(
     def no_lm(*args: object, **kwargs: object) -> None:
         raise AssertionError("the LM must not be loaded when training from a cache")
 
-    monkeypatch.setattr(T, "build_harvester", no_lm)
-    monkeypatch.setattr(T, "load_lm", no_lm)
+    monkeypatch.setattr(B, "build_harvester", no_lm)
+    monkeypatch.setattr(B, "load_lm", no_lm)
     # Live batches keep ~120 of their 4 x 32 tokens (no padding in this corpus, [CLS]/[SEP] masked): same here.
     tokens_per_step = (
         read_meta(fp32_cache)["splits"]["train"]["n_tokens"] // len(live_data.train.input_ids) * 4
     )
-    cached = cached_cfg(tmp_path / "cache", fp32_cache, *common, f"data.batch_tokens={tokens_per_step}")
-    module, datamodule, trainer = T.build(cached)
-    assert module.harvester is None
+    cached = cached_train_cfg(tmp_path / "cache", fp32_cache, *common, f"data.batch_tokens={tokens_per_step}")
+    module, datamodule, trainer = B.build(cached)
+    assert datamodule.activations.harvester is None
     initial = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/mse"]
     # Same seed, same initial coder, same validation tokens (float32 cache): the same starting point exactly.
     assert initial == pytest.approx(live_initial, rel=1e-5)
@@ -185,13 +156,13 @@ def test_training_from_the_cache_matches_live_harvesting(
 def test_run_from_the_cache_exports_and_resumes(fp16_cache: Path, tmp_path: Path) -> None:
     common = ["steps=10", "trainer.val_check_interval=5", "buffer_tokens=0", "data.batch_tokens=200",
               "data.window_shards=2", "callbacks=checkpoint", "callbacks.checkpoint.every_n_train_steps=4"]  # fmt: skip
-    full_module, dm, trainer = T.build(cached_cfg(tmp_path / "full", fp16_cache, *common))
+    full_module, dm, trainer = B.build(cached_train_cfg(tmp_path / "full", fp16_cache, *common))
     trainer.fit(full_module, datamodule=dm)
-    part_module, dm, part_trainer = T.build(
-        cached_cfg(tmp_path / "part", fp16_cache, *common, "trainer.max_steps=4")
+    part_module, dm, part_trainer = B.build(
+        cached_train_cfg(tmp_path / "part", fp16_cache, *common, "trainer.max_steps=4")
     )
     part_trainer.fit(part_module, datamodule=dm)
-    resumed_cfg = cached_cfg(tmp_path / "part", fp16_cache, *common, "ckpt_path=last")
+    resumed_cfg = cached_train_cfg(tmp_path / "part", fp16_cache, *common, "ckpt_path=last")
     metrics = T.run(resumed_cfg)
     assert metrics["steps"] == 10
     name = "mixed-l02-x2-a10-b0"
@@ -242,14 +213,14 @@ def test_empty_cache_is_refused(fp16_cache: Path, tmp_path: Path) -> None:
 
 
 def test_cache_must_match_the_model_and_layer(fp16_cache: Path, tmp_path: Path) -> None:
-    cfg = cached_cfg(tmp_path, fp16_cache, "model.layer=1")
+    cfg = cached_train_cfg(tmp_path, fp16_cache, "model.layer=1")
     with pytest.raises(UsageError, match=r"model 'qwen3-tiny' at layer 2.*layer 1.*model.layer=2"):
-        T.build(cfg)
+        B.build(cfg)
     wrong = Autoencoder.from_config("mixed", d_model=32, layer=2, expansion=2, bottleneck=1)
     wrong.save(tmp_path / "wrong")
-    cfg = cached_cfg(tmp_path, fp16_cache, f"init_from={tmp_path}/wrong")
+    cfg = cached_train_cfg(tmp_path, fp16_cache, f"init_from={tmp_path}/wrong")
     with pytest.raises(CheckpointError, match=r"d_model 32.*d_model 64"):
-        T.build(cfg)
+        B.build(cfg)
 
 
 def test_existing_cache_is_not_overwritten_by_accident(fp16_cache: Path, tmp_path: Path) -> None:

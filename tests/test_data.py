@@ -13,20 +13,13 @@ from lightning.fabric.utilities.data import sized_len
 from lightning.fabric.utilities.types import _Stateful
 from lightning.pytorch.utilities import CombinedLoader
 
-import bilae.data as data
-from bilae.data import (
-    ActivationDataModule,
-    ShuffleBuffer,
-    StreamBatches,
-    TokenBatches,
-    n_validation,
-    shard,
-    text_source,
-    token_windows,
-    tokenize_corpus,
-)
+import bilae.corpus as corpus
+from bilae.corpus import text_source, token_windows, tokenize_corpus
+from bilae.data import ActivationDataModule, StreamBatches, TokenBatches, n_validation, shard
 from bilae.errors import DataError, UsageError
+from bilae.source import ShuffleBuffer
 
+CPU = SimpleNamespace(root_device=torch.device("cpu"))
 DOCS = [
     f"Document number {i} says: " + " ".join(f"word{j}" for j in range(i * 7 % 40 + 1)) for i in range(30)
 ]
@@ -273,7 +266,7 @@ def test_datamodule_shards_by_rank(tokenizer):
     rows = []
     for rank in (0, 1):
         dm = ActivationDataModule(tokenizer, n_ctx=64, batch_size=4, val_sequences=0, max_sequences=40)
-        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, strategy=CPU)
         rows.append({tuple(r.tolist()) for b in dm.train_dataloader() for r in b["input_ids"]})
     assert len(rows[0]) == len(rows[1]) == 20 and not rows[0] & rows[1]
 
@@ -295,4 +288,4 @@ def test_datamodule_argument_errors(tokenizer):
         ActivationDataModule(tokenizer, n_ctx=0)
     with pytest.raises(UsageError, match="streamed source 'fineweb-edu' needs val_sequences as a count"):
         ActivationDataModule(tokenizer, source="fineweb-edu", val_sequences=0.1)
-    assert data.STREAMED <= set(data.SOURCES)
+    assert corpus.STREAMED <= set(corpus.SOURCES)

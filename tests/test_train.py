@@ -8,32 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from bilae import Autoencoder, AutoencoderConfig, UsageError
+from bilae import builders as B
 from bilae import train as T
 from bilae.config import CONF_DIR, compose
-
-TINY = [
-    "model=qwen3-tiny",
-    "autoencoder.expansion=2",
-    "autoencoder.bottleneck=1",
-    "data.n_ctx=32",
-    "data.batch_size=4",
-    "data.val_sequences=8",
-    "data.max_sequences=400",
-    "logger=none",
-    "callbacks=none",
-    "trainer.enable_progress_bar=false",
-    "buffer_tokens=1024",
-]
-
-
-def tiny_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
-    cfg = compose("train", [*TINY, f"paths.output_dir={tmp_path}", *overrides])
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+from tests.support.configs import train_cfg
 
 
 def options(group: str) -> list[str]:
@@ -43,7 +24,18 @@ def options(group: str) -> list[str]:
 # -------------------------------------------------------------------------------------------- composition
 @pytest.mark.parametrize(
     "group",
-    ["model", "data", "autoencoder", "optimizer", "trainer", "logger", "callbacks", "debug", "experiment"],
+    [
+        "model",
+        "data",
+        "autoencoder",
+        "optimizer",
+        "trainer",
+        "logger",
+        "callbacks",
+        "analysis",
+        "debug",
+        "experiment",
+    ],
 )
 def test_every_option_composes_and_instantiates(group: str, tmp_path: Path) -> None:
     assert options(group), group
@@ -58,7 +50,7 @@ def test_every_option_composes_and_instantiates(group: str, tmp_path: Path) -> N
             assert instantiate(logger) is not None
         for callback in (cfg.callbacks or {}).values():
             assert instantiate(callback) is not None
-        coder = T.build_coder(cfg, d_model=16)
+        coder = B.build_coder(cfg, d_model=16)
         assert coder.config.layer == cfg.model.layer
 
 
@@ -94,21 +86,21 @@ def test_qwen3_base_goes_to_the_hub_with_its_id(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake)
     cfg = compose("train", ["model=qwen3-0.6b-base", f"paths.output_dir={tmp_path}"])
     with pytest.raises(UsageError):
-        T.build_harvester(cfg.model)
+        B.build_harvester(cfg.model)
     assert asked and asked[0] == "Qwen/Qwen3-0.6B-Base"
 
 
 # ------------------------------------------------------------------------------------------------ training
 @pytest.mark.slow
 def test_short_run_lowers_val_mse(tmp_path: Path) -> None:
-    cfg = tiny_cfg(
+    cfg = train_cfg(
         tmp_path,
         "steps=100",
         "trainer.val_check_interval=100",
         "optimizer.lr=0.05",
         "autoencoder.expansion=4",
     )
-    module, datamodule, trainer = T.build(cfg)
+    module, datamodule, trainer = B.build(cfg)
     initial = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/mse"]
     trainer.fit(module, datamodule=datamodule)
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/mse"]
@@ -117,7 +109,7 @@ def test_short_run_lowers_val_mse(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_run_exports_and_writes_metrics(tmp_path: Path) -> None:
-    cfg = tiny_cfg(
+    cfg = train_cfg(
         tmp_path,
         "steps=8",
         "trainer.val_check_interval=4",
@@ -143,18 +135,18 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
         "callbacks=default",
         "callbacks.checkpoint.every_n_train_steps=5",
     ]
-    full = tiny_cfg(tmp_path / "full", *common)
-    module_full, dm, trainer = T.build(full)
+    full = train_cfg(tmp_path / "full", *common)
+    module_full, dm, trainer = B.build(full)
     trainer.fit(module_full, datamodule=dm)
 
-    part = tiny_cfg(tmp_path / "part", *common, "trainer.max_steps=5")
-    module, dm, trainer = T.build(part)
+    part = train_cfg(tmp_path / "part", *common, "trainer.max_steps=5")
+    module, dm, trainer = B.build(part)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 5
 
-    resumed = tiny_cfg(tmp_path / "part", *common, "ckpt_path=last")
-    module_resumed, dm, trainer = T.build(resumed)
-    trainer.fit(module_resumed, datamodule=dm, ckpt_path=T.resolve_ckpt_path(resumed, tmp_path / "part"))
+    resumed = train_cfg(tmp_path / "part", *common, "ckpt_path=last")
+    module_resumed, dm, trainer = B.build(resumed)
+    trainer.fit(module_resumed, datamodule=dm, ckpt_path=B.resolve_ckpt_path(resumed, tmp_path / "part"))
     assert trainer.global_step == 12
     for name, tensor in module_full.coder.state_dict().items():
         torch.testing.assert_close(
@@ -164,34 +156,34 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ bad input
 def test_layer_out_of_range(tmp_path: Path) -> None:
-    cfg = tiny_cfg(tmp_path, "model.layer=9")
+    cfg = train_cfg(tmp_path, "model.layer=9")
     with pytest.raises(UsageError, match=r"layer 9.*0\.\.3"):
-        T.build_harvester(cfg.model)
+        B.build_harvester(cfg.model)
 
 
 def test_unknown_model(tmp_path: Path) -> None:
-    cfg = tiny_cfg(tmp_path, "model.name=gpt-17")
+    cfg = train_cfg(tmp_path, "model.name=gpt-17")
     with pytest.raises(UsageError, match=r"gpt-17.*minilm"):
-        T.build_harvester(cfg.model)
+        B.build_harvester(cfg.model)
 
 
 def test_unknown_data_source(tmp_path: Path) -> None:
-    cfg = tiny_cfg(tmp_path, "data.source=wikipedia")
+    cfg = train_cfg(tmp_path, "data.source=wikipedia")
     with pytest.raises(UsageError, match=r"unknown text source 'wikipedia'.*'pydoc'"):
-        T.build_datamodule(cfg, tokenizer=None)
+        B.build_datamodule(cfg, tokenizer=None)
 
 
 def test_n_ctx_must_be_positive(tmp_path: Path) -> None:
-    cfg = tiny_cfg(tmp_path, "data.n_ctx=0")
+    cfg = train_cfg(tmp_path, "data.n_ctx=0")
     with pytest.raises(UsageError, match=r"n_ctx.*0"):
-        T.build_datamodule(cfg, tokenizer=None)
+        B.build_datamodule(cfg, tokenizer=None)
 
 
 def test_empty_corpus(tmp_path: Path) -> None:
     (tmp_path / "empty.txt").write_text("")
-    cfg = tiny_cfg(tmp_path, "data=files", f"data.source_kwargs.paths={tmp_path}/empty.txt")
-    harvester = T.build_harvester(cfg.model)
-    datamodule = T.build_datamodule(cfg, harvester.tokenizer)
+    cfg = train_cfg(tmp_path, "data=files", f"data.source_kwargs.paths={tmp_path}/empty.txt")
+    harvester = B.build_harvester(cfg.model)
+    datamodule = B.build_datamodule(cfg, harvester.tokenizer)
     with pytest.raises(UsageError, match=r"empty"):
         datamodule.setup("fit")
 
@@ -199,20 +191,20 @@ def test_empty_corpus(tmp_path: Path) -> None:
 def test_init_from_checkpoint_must_match_the_model(tmp_path: Path) -> None:
     wrong = Autoencoder.from_config("mixed", d_model=32, layer=2, expansion=2, bottleneck=1)
     wrong.save(tmp_path / "wrong")
-    cfg = tiny_cfg(tmp_path, f"init_from={tmp_path}/wrong")
+    cfg = train_cfg(tmp_path, f"init_from={tmp_path}/wrong")
     with pytest.raises(UsageError, match=r"d_model 32.*64"):
-        T.build(cfg)
+        B.build(cfg)
     other_layer = Autoencoder.from_config("mixed", d_model=64, layer=1, expansion=2, bottleneck=1)
     other_layer.save(tmp_path / "layer")
-    cfg = tiny_cfg(tmp_path, f"init_from={tmp_path}/layer")
+    cfg = train_cfg(tmp_path, f"init_from={tmp_path}/layer")
     with pytest.raises(UsageError, match=r"layer 1.*layer 2"):
-        T.build(cfg)
+        B.build(cfg)
 
 
 @pytest.mark.slow
 def test_several_coders_from_one_harvest_equal_separate_runs(tmp_path: Path) -> None:
     common = ["steps=6", "trainer.val_check_interval=6"]
-    multi = tiny_cfg(
+    multi = train_cfg(
         tmp_path / "multi", *common, "autoencoder.alpha=[0,0.2]", "autoencoder.kind=[mixed,combined]"
     )
     metrics = T.run(multi)
@@ -223,7 +215,7 @@ def test_several_coders_from_one_harvest_equal_separate_runs(tmp_path: Path) -> 
         assert (tmp_path / "multi" / "autoencoder" / name / "model.safetensors").is_file()
     # The same training alone, for two of them: identical weights (the harvest is shared, nothing else is).
     for kind, alpha in (("mixed", 0.2), ("combined", 0)):
-        single = tiny_cfg(
+        single = train_cfg(
             tmp_path / f"{kind}{alpha}", *common, f"autoencoder.alpha={alpha}", f"autoencoder={kind}"
         )
         alone = T.run(single)

@@ -7,8 +7,11 @@
 - ``examples``   — streaming max/min-activating contexts and their terminal/HTML/table formats
 - ``figures``    — plotly figure builders; ``sweep`` — reading a multirun's metrics.json files
 - ``notebook``   — the seed notebook's ``Feature`` and ``Manifold``
+- ``session``    — one coder and one activation sample, every answer computed once
+- ``registry``   — the registry of analyses (session → named panels, with declared needs); ``analyses`` fills it
 """
 
+from bilae.analysis import analyses as analyses  # registers every analysis
 from bilae.analysis.composites import CompositeAtlas, composite_atlas, composite_form
 from bilae.analysis.examples import (
     ActivationExamples,

@@ -1,8 +1,8 @@
 """One autoencoder plus one small activation sample: every analysis computed once, on demand.
 
-The callbacks, ``bilae-analyze`` and the HTML report all ask the same questions (which latents are interesting,
-their overlaps, forms, spectra, manifolds, contexts); an :class:`AnalysisSession` answers each once and caches
-the answer, so asking twice (say a callback and then the report at fit end) costs nothing. Pure: no logging.
+The registered analyses (:mod:`bilae.analysis.analyses`) all ask the same questions (which latents are
+interesting, their overlaps, forms, spectra, manifolds, contexts); an :class:`AnalysisSession` answers each once
+and caches the answer, so two analyses asking the same thing pay once. Pure: no logging.
 """
 
 from __future__ import annotations
@@ -84,6 +84,21 @@ def harvest_sample(
     return batches
 
 
+def validation_sample(
+    datamodule: Any, sequences: int, *, batch_size: int = 8, device: str | torch.device | None = None
+) -> list[Batch]:
+    """The analysis sample of a run: its first ``sequences`` validation sequences, harvested once, with the
+    model's next-token predictions when it has an LM head. Empty when the data module has no LM (a cache)."""
+    harvester = datamodule.activations.harvester
+    if harvester is None:
+        return []
+    ids, mask = datamodule.sample_tokens(sequences)
+    predict = next_token_predictor(harvester.model)
+    return harvest_sample(
+        harvester, ids, mask, batch_size=batch_size, predict=predict, device=device or harvester.device
+    )
+
+
 class AnalysisSession:
     """Cached analyses of ``coder`` on a fixed activation sample.
 
@@ -120,6 +135,11 @@ class AnalysisSession:
     def has_sample(self) -> bool:
         """Whether there are real tokens to project (manifolds) or quote (contexts)."""
         return self.n_tokens > 0
+
+    @property
+    def has_predictions(self) -> bool:
+        """Whether the sample carries the model's next-token predictions (a model with an LM head)."""
+        return bool(self.batches) and all(len(b) > 3 for b in self.batches)
 
     @property
     def n_tokens(self) -> int:

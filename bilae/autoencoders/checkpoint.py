@@ -19,6 +19,15 @@ from bilae.errors import CheckpointError
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
+REFERENCE_V1_TENSORS = {
+    "left.weight": "left",
+    "left.bias": "left_bias",
+    "right.weight": "right",
+    "right.bias": "right_bias",
+}
+"""The reference's v1 autoencoders hold ``left``/``right`` as ``nn.Linear`` layers, latents
+(l·x̂ + a)(r·x̂ + c): their tensors map onto the affine variant's parameters."""
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -103,6 +112,16 @@ def read_weights(directory: str | Path, device: str | torch.device = "cpu") -> d
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint weights {path} are corrupt or truncated ({err})") from None
+
+
+def is_reference_v1(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether ``tensors`` use the reference's v1 layout (``left.weight``, ``left.bias``, ...)."""
+    return any(name in tensors for name in REFERENCE_V1_TENSORS)
+
+
+def from_reference_v1(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename v1 tensors to the affine variant's parameters (``left.bias`` → ``left_bias``); others stay."""
+    return {REFERENCE_V1_TENSORS.get(name, name): tensor for name, tensor in tensors.items()}
 
 
 def _existing(directory: str | Path, filename: str) -> Path:

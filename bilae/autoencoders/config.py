@@ -9,6 +9,11 @@ from typing import Any
 
 from bilae.errors import UsageError
 
+LOSS_MEMORY = ("auto", "blocked", "streaming")
+"""Valid values of ``loss_memory`` (see :class:`AutoencoderConfig`)."""
+AFFINE_PART = "affine"
+"""The name part that marks the affine variant, after ``b..`` and before the tags (a tag may not use it)."""
+
 
 @dataclass
 class AutoencoderConfig:
@@ -36,6 +41,13 @@ class AutoencoderConfig:
     """Free-form tags appended to the name."""
     k: int = 32
     """Active latents per token of the TopK baseline."""
+    affine: bool = False
+    """Off-centre latents f_j = (l_j·x̂ + a_j)(r_j·x̂ + c_j): the kind applied to the lifted input z = [1, x̂]
+    (the reference's v1 biases; vanilla, ordered, mixed and combined only). Adds ``-affine`` to the name."""
+    loss_memory: str = "auto"
+    """How the bilinear kinds' exact loss holds its m × m terms: ``blocked`` keeps their upper-triangle blocks
+    (fastest, O(m²) memory), ``streaming`` recomputes them block by block in the backward (O(N·m + m·d) memory, about
+    4/3 of the FLOPs), ``auto`` picks blocked while its blocks fit half the free memory. Never changes the value."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Keys of a loaded config.json that bilae does not know; preserved, never interpreted."""
 
@@ -61,9 +73,28 @@ class AutoencoderConfig:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise UsageError(f"{key} must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.affine, bool):
+            raise UsageError(f"affine must be true or false, got {self.affine!r}")
+        if self.loss_memory not in LOSS_MEMORY:
+            raise UsageError(f"loss_memory must be one of {', '.join(LOSS_MEMORY)}; got {self.loss_memory!r}")
+        self._check_name_parts()
+
+    def _check_name_parts(self) -> None:
+        """Make tags a list of strings; kind and tags must be usable as parts of one folder name."""
+        if self.tags is None:  # the reference writes "tags": [] but accepts None
+            self.tags = []
         if isinstance(self.tags, str):
             self.tags = [self.tags]
+        if not isinstance(self.tags, (list, tuple)):
+            raise UsageError(f"tags must be a list of strings, got {self.tags!r}")
         self.tags = [str(t) for t in self.tags]
+        check_name_part("kind", self.kind)
+        for tag in self.tags:
+            check_name_part("tag", tag)
+        if AFFINE_PART in self.tags:
+            raise UsageError(
+                f"tag {AFFINE_PART!r} is reserved for the name of affine coders; set affine=true instead"
+            )
 
     @property
     def d_features(self) -> int:
@@ -77,13 +108,17 @@ class AutoencoderConfig:
 
     @property
     def name(self) -> str:
-        """The published name, e.g. ``mixed-l18-x16-a20-b0``."""
+        """The published name, e.g. ``mixed-l18-x16-a20-b0`` (``mixed-l18-x16-a20-b0-affine`` when affine).
+
+        It names a folder (``weights/<model>/<name>``, ``<repo>/<name>``): its parts hold no path syntax.
+        """
         parts = [
             self.kind,
             f"l{self.layer:02d}",
             f"x{self.expansion}",
             f"a{int(self.alpha * 100)}",
             f"b{int(self.beta * 100)}",
+            *([AFFINE_PART] if self.affine else []),
             *self.tags,
         ]
         return "-".join(parts)
@@ -108,3 +143,18 @@ class AutoencoderConfig:
         extra = {key: value for key, value in data.items() if key not in known and key != "extra"}
         extra.update(data.get("extra") or {})
         return cls(**known, extra=extra)
+
+
+def check_name_part(what: str, value: object) -> str:
+    """Return ``value`` if it can be one folder name; refuse anything that could leave its parent folder.
+
+    Kinds, tags, model names and checkpoint names all become path parts (``weights/<model>/<name>``).
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError(f"{what} must be a non-empty string, got {value!r}")
+    if any(bad in value for bad in ("/", "\\", "..", "\0")) or value == "." or value.startswith("~"):
+        raise UsageError(
+            f"{what} {value!r} cannot be part of a checkpoint path "
+            "(no '/', '\\', '..', a lone '.' or a leading '~')"
+        )
+    return value

@@ -37,6 +37,8 @@ dtype of each input.  The blocks are a Python loop of plain tensor ops, which to
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -63,23 +65,46 @@ def reconstruction_sums(
     Returns ``(plain, train)`` token sums with the reference's values and the reference's gradients for
     ``train``.  For the ordered kinds ``plain`` is a metric and comes back detached; otherwise it is ``train``.
     """
-    h = f if down is None else f @ down.T  # (N, m) or (N, b)
-    m = f.shape[1]
-    w = reference.prefix_weights(m, like=f) if ordered else None
-    # Without a bottleneck the ordered cross term Σ_j w_j f_j² is a weighted ‖h‖², done inside the Function.
-    cross_weights = w if down is None else None
-    quad_train, quad_plain, cross_train, cross_plain = _Quadratic.apply(
-        h, left, right, down, ordered, tile, cross_weights
-    )
-    total = target.sum()
-    if not ordered:
-        train = total - 2.0 * cross_train + quad_train
-        return train, train
-    plain = (total - 2.0 * cross_plain + quad_plain).detach()
-    if down is not None:
-        assert w is not None
-        cross_train = ((h @ down) * f).sum(0) @ w  # Σ_j w_j g_j f_j with g = Dᵀ h
-    return plain, total - 2.0 * cross_train + quad_train
+    return sums_with(_Quadratic.apply, target, f, left, right, down, ordered=ordered, tile=tile)
+
+
+def sums_with(
+    quadratic: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]],
+    target: Tensor,
+    f: Tensor,
+    left: Tensor,
+    right: Tensor,
+    down: Tensor | None,
+    *,
+    ordered: bool,
+    tile: int,
+) -> tuple[Tensor, Tensor]:
+    """``(plain, train)`` of :func:`reconstruction_sums` around a quadratic-term Function (blocked or streaming).
+
+    ``quadratic(h, left, right, down, ordered, tile, cross_weights)`` returns ``(⟨S, K'⟩, ⟨S, K⟩,
+    Σ c_j ‖h_j‖², ‖h‖²)`` as :class:`_Quadratic` does.
+    """
+    # The bottleneck products run in the compute dtype too: under bf16 autocast, h = F Dᵀ would be rounded.
+    with torch.autocast(device_type=f.device.type, enabled=False):
+        dtype = compute_dtype(f, left, right, down)
+        f, down = f.to(dtype), None if down is None else down.to(dtype)
+        h = f if down is None else f @ down.T  # (N, m) or (N, b)
+        m = f.shape[1]
+        w = reference.prefix_weights(m, like=f) if ordered else None
+        # Without a bottleneck the ordered cross term Σ_j w_j f_j² is a weighted ‖h‖², done inside the Function.
+        cross_weights = w if down is None else None
+        quad_train, quad_plain, cross_train, cross_plain = quadratic(
+            h, left, right, down, ordered, tile, cross_weights
+        )
+        total = target.sum()
+        if not ordered:
+            train = total - 2.0 * cross_train + quad_train
+            return train, train
+        plain = (total - 2.0 * cross_plain + quad_plain).detach()
+        if down is not None:
+            assert w is not None
+            cross_train = ((h @ down) * f).sum(0) @ w  # Σ_j w_j g_j f_j with g = Dᵀ h
+        return plain, total - 2.0 * cross_train + quad_train
 
 
 def quadratic_terms(
@@ -102,7 +127,8 @@ def quadratic_terms(
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float64 if any input is float64, else float32 (bf16/fp16 inputs are upcast for the m² reductions)."""
     return (
         torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
     )
@@ -143,12 +169,60 @@ def _chunks(lo: int, hi: int, size: int) -> list[Span]:
     return [(start, min(start + step, hi)) for start in range(lo, hi, step)]
 
 
-def _tile_weight(w: Tensor, a: Span, b: Span) -> Tensor:
+def tile_weight(w: Tensor, a: Span, b: Span) -> Tensor:
     """W on tile (a, b) with a ≤ b: a column scale (1, T) off the diagonal, min(w_i, w_j) on it."""
     wb = w[b[0] : b[1]]
     if a != b:
         return wb[None, :]
     return torch.minimum(wb[:, None], wb[None, :])
+
+
+def cast_inputs(
+    h: Tensor, left: Tensor, right: Tensor, down: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The inputs in the compute dtype (:func:`compute_dtype`); call with autocast off."""
+    dtype = compute_dtype(h, left, right, down)
+    return h.to(dtype), left.to(dtype), right.to(dtype), None if down is None else down.to(dtype)
+
+
+def cross_sums(squares: Tensor, cross_weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(Σ c_j ‖h_j‖², Σ ‖h_j‖²)`` in float64 from the column squares ``‖h_j‖²`` (c = 1 when not given)."""
+    cross_plain = squares.double().sum()
+    cross = cross_plain.clone() if cross_weights is None else squares.double() @ cross_weights.double()
+    return cross, cross_plain
+
+
+def input_gradients(
+    hc: Tensor,
+    dc: Tensor | None,
+    gram: Tensor | None,
+    cw: Tensor | None,
+    sums: tuple[Tensor, Tensor, Tensor],
+    grad_train: Tensor,
+    grad_cross: Tensor,
+) -> list[Tensor | None]:
+    """Gradients ``[dh, dL, dR, dD]`` (compute dtype) from the unscaled sums ``(side K', (S∘Q∘W) L, (S∘P∘W) R)``.
+
+    ``side`` is H without a bottleneck, D with one (then ``gram`` = HᵀH); the sums are scaled in place.
+    """
+    out, dl, dr = sums
+    scale = 2.0 * grad_train.to(hc.dtype)
+    if dc is None:
+        dh, dd = out.mul_(scale), None
+    else:
+        assert gram is not None
+        core = out @ dc.T  # D K' Dᵀ (b, b)
+        dh, dd = hc @ (core * scale), gram @ out.mul_(scale)
+    cross_scale = 2.0 * grad_cross.to(hc.dtype)
+    dh.addcmul_(hc, cross_scale if cw is None else cross_scale * cw)
+    return [dh, dl.mul_(scale), dr.mul_(scale), dd]
+
+
+def in_dtypes(
+    grads: list[Tensor | None], dtypes: tuple[torch.dtype | None, ...]
+) -> tuple[Tensor | None, ...]:
+    """Each gradient in the dtype of its input."""
+    return tuple(None if g is None or dt is None else g.to(dt) for g, dt in zip(grads, dtypes))
 
 
 class _Quadratic(torch.autograd.Function):
@@ -163,10 +237,8 @@ class _Quadratic(torch.autograd.Function):
     def forward(ctx, h, left, right, down, ordered, tile, cross_weights):  # type: ignore[override]
         if tile < 1:
             raise ValueError(f"tile must be positive, got {tile}")
-        dtype = _compute_dtype(h, left, right, down)
         with torch.autocast(device_type=h.device.type, enabled=False):
-            hc, lc, rc = h.to(dtype), left.to(dtype), right.to(dtype)
-            dc = None if down is None else down.to(dtype)
+            hc, lc, rc, dc = cast_inputs(h, left, right, down)
             pairs = blocks(lc.shape[0], tile)
             if dc is None:
                 gram = None
@@ -181,9 +253,8 @@ class _Quadratic(torch.autograd.Function):
             q_tiles = [rc[a[0] : a[1]] @ rc[b[0] : b[1]].T for a, b in pairs]
             w = reference.prefix_weights(lc.shape[0], like=lc) if ordered else None
             train, plain = _forward_sums(s_tiles, p_tiles, q_tiles, pairs, w)
-            cross_plain = squares.double().sum()
-            cw = None if cross_weights is None else cross_weights.to(dtype)
-            cross = cross_plain.clone() if cw is None else squares.double() @ cw.double()
+            cw = None if cross_weights is None else cross_weights.to(hc.dtype)
+            cross, cross_plain = cross_sums(squares, cw)
         ctx.ordered, ctx.blocks, ctx.count = ordered, pairs, len(s_tiles)
         ctx.dtypes = (h.dtype, left.dtype, right.dtype, None if down is None else down.dtype)
         ctx.has_down, ctx.has_cw = down is not None, cw is not None
@@ -206,19 +277,28 @@ class _Quadratic(torch.autograd.Function):
         count = ctx.count
         s_tiles, p_tiles, q_tiles = rest[:count], rest[count : 2 * count], rest[2 * count :]
         with torch.autocast(device_type=hc.device.type, enabled=False):
-            scale = 2.0 * grad_train.to(hc.dtype)
-            out, dl, dr = _backward_tiles(hc, lc, rc, dc, s_tiles, p_tiles, q_tiles, ctx.ordered, ctx.blocks)
-            if dc is None:
-                dh, dd = out.mul_(scale), None
-            else:
-                assert gram is not None
-                core = out @ dc.T  # D K' Dᵀ (b, b)
-                dh, dd = hc @ (core * scale), gram @ out.mul_(scale)
-            cross_scale = 2.0 * grad_cross.to(hc.dtype)
-            dh.addcmul_(hc, cross_scale if cw is None else cross_scale * cw)
-            grads = [dh, dl.mul_(scale), dr.mul_(scale), dd]
-            grads = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
-        return (*grads, None, None, None)
+            sums = _backward_tiles(hc, lc, rc, dc, s_tiles, p_tiles, q_tiles, ctx.ordered, ctx.blocks)
+            grads = input_gradients(hc, dc, gram, cw, sums, grad_train, grad_cross)
+            return (*in_dtypes(grads, ctx.dtypes), None, None, None)
+
+
+def block_sums(
+    s: Tensor, p: Tensor, q: Tensor, a: Span, b: Span, w: Tensor | None, out: Tensor
+) -> tuple[Tensor, Tensor]:
+    """This block's float64 terms ``((2 or 1) · ⟨S, P∘Q∘W⟩, (2 or 1) · ⟨S, P∘Q⟩)`` (train is plain without w).
+
+    ``out`` (shaped like the block, may be ``s`` itself) receives S∘P(∘Q).
+    """
+    weight = 1.0 if a == b else 2.0
+    sp = torch.mul(s, p, out=out)
+    if w is None:
+        value = weight * torch.dot(sp.reshape(-1), q.reshape(-1)).double()
+        return value, value
+    spq = sp.mul_(q)
+    if a != b:
+        cols = spq.sum(0).double()
+        return weight * torch.dot(cols, w[b[0] : b[1]].double()), weight * cols.sum()
+    return (spq * tile_weight(w, a, b)).sum().double(), spq.sum().double()
 
 
 def _forward_sums(
@@ -235,22 +315,10 @@ def _forward_sums(
     device = s_tiles[0].device
     train = torch.zeros((), dtype=torch.float64, device=device)
     plain = torch.zeros((), dtype=torch.float64, device=device)
-    scratch = _Scratch(s_tiles)
+    scratch = Scratch(s_tiles[0], max(t.numel() for t in s_tiles))
     for (a, b), s, p, q in zip(pairs, s_tiles, p_tiles, q_tiles):
-        weight = 1.0 if a == b else 2.0
-        sp = torch.mul(s, p, out=scratch.like(s))
-        if w is None:
-            value = torch.dot(sp.reshape(-1), q.reshape(-1)).double()
-            plain = plain + weight * value
-            continue
-        spq = sp.mul_(q)
-        if a != b:
-            cols = spq.sum(0).double()
-            plain = plain + weight * cols.sum()
-            train = train + weight * torch.dot(cols, w[b[0] : b[1]].double())
-        else:
-            plain = plain + spq.sum().double()
-            train = train + (spq * _tile_weight(w, a, b)).sum().double()
+        block_train, block_plain = block_sums(s, p, q, a, b, w, scratch.like(s))
+        train, plain = train + block_train, plain + block_plain
     # Two distinct tensors: ``plain`` is marked non-differentiable, ``train`` is not.
     return (plain.clone() if w is None else train), plain
 
@@ -270,32 +338,57 @@ def _backward_tiles(
 
     Two T × T scratch tiles are reused for every pair; each tile pair costs three elementwise products.
     """
-    m = lc.shape[0]
-    w = reference.prefix_weights(m, like=lc) if ordered else None
-    dl, dr = torch.zeros_like(lc), torch.zeros_like(rc)
+    w = reference.prefix_weights(lc.shape[0], like=lc) if ordered else None
     side = hc if dc is None else dc
-    out = torch.zeros_like(side)
-    k_buf, m_buf = _Scratch(s_tiles), _Scratch(s_tiles)
+    sums = (torch.zeros_like(side), torch.zeros_like(lc), torch.zeros_like(rc))
+    size = max(t.numel() for t in s_tiles)
+    k_buf, m_buf = Scratch(s_tiles[0], size), Scratch(s_tiles[0], size)
     for (a, b), s, p, q in zip(pairs, s_tiles, p_tiles, q_tiles):
-        ia, ib = slice(*a), slice(*b)
-        tw = None if w is None else _tile_weight(w, a, b)
-        k = torch.mul(p, q, out=k_buf.like(s))
-        _sym_accumulate(out, side, k if tw is None else k.mul_(tw), ia, ib)
-        m1 = torch.mul(s, q, out=m_buf.like(s))
-        _sym_accumulate_rows(dl, lc, m1 if tw is None else m1.mul_(tw), ia, ib)
-        m2 = torch.mul(s, p, out=m_buf.like(s))
-        _sym_accumulate_rows(dr, rc, m2 if tw is None else m2.mul_(tw), ia, ib)
-    return out, dl, dr
+        block_gradients(sums, side, lc, rc, (s, p, q), a, b, w, (k_buf.like(s), m_buf.like(s)))
+    return sums
 
 
-class _Scratch:
-    """One flat buffer, as large as the largest tile, lent out as contiguous views shaped like a tile."""
+def block_gradients(
+    sums: tuple[Tensor, Tensor, Tensor],
+    side: Tensor,
+    lc: Tensor,
+    rc: Tensor,
+    spq: tuple[Tensor, Tensor, Tensor],
+    a: Span,
+    b: Span,
+    w: Tensor | None,
+    scratch: tuple[Tensor, Tensor],
+) -> None:
+    """Add block (a, b)'s share to ``sums = (side K', (S∘Q∘W) L, (S∘P∘W) R)``, mirrored off the diagonal.
 
-    def __init__(self, tiles: list[Tensor]) -> None:
-        self.buffer = tiles[0].new_empty(max(t.numel() for t in tiles))
+    ``scratch`` are two buffers shaped like the block; S, P and Q are left unchanged.
+    """
+    s, p, q = spq
+    k_buf, m_buf = scratch
+    out, dl, dr = sums
+    ia, ib = slice(*a), slice(*b)
+    tw = None if w is None else tile_weight(w, a, b)
+    k = torch.mul(p, q, out=k_buf)
+    _sym_accumulate(out, side, k if tw is None else k.mul_(tw), ia, ib)
+    m1 = torch.mul(s, q, out=m_buf)
+    _sym_accumulate_rows(dl, lc, m1 if tw is None else m1.mul_(tw), ia, ib)
+    m2 = torch.mul(s, p, out=m_buf)
+    _sym_accumulate_rows(dr, rc, m2 if tw is None else m2.mul_(tw), ia, ib)
+
+
+class Scratch:
+    """One flat buffer of ``size`` elements (dtype and device of ``like``), lent out as views shaped like a tile."""
+
+    def __init__(self, like: Tensor, size: int) -> None:
+        self.buffer = like.new_empty(size)
 
     def like(self, tile: Tensor) -> Tensor:
-        return self.buffer[: tile.numel()].view(tile.shape)
+        """A contiguous view of the buffer with the shape of ``tile``."""
+        return self.view(tile.shape)
+
+    def view(self, shape: tuple[int, ...] | torch.Size) -> Tensor:
+        """A contiguous view of the buffer with ``shape``."""
+        return self.buffer[: shape[0] * shape[1]].view(shape)
 
 
 def _sym_accumulate(out: Tensor, side: Tensor, k: Tensor, ia: slice, ib: slice) -> None:

@@ -1,4 +1,5 @@
-"""Brute-force oracles for the autoencoder maths: explicit d×d matrices, explicit prefix loops (tiny d only)."""
+"""Brute-force oracles for the autoencoder maths: explicit d×d (or lifted (d+1)×(d+1)) matrices, explicit
+prefix loops (tiny d only)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def weights_g(coder, f: Tensor) -> Tensor:
 
 
 def token_error(x: Tensor, g: Tensor, left: Tensor, right: Tensor) -> Tensor:
-    """‖x̂x̂ᵀ − Lᵀ diag(g) R‖²_F for one token, built explicitly."""
+    """‖x̂x̂ᵀ − Lᵀ diag(g) R‖²_F for one token (or ‖zzᵀ − L'ᵀ diag(g) R'‖²_F, lifted), built explicitly."""
     target = torch.outer(x, x)
     recon = left.T @ torch.diag(g) @ right
     return (target - recon).square().sum()
@@ -34,8 +35,25 @@ def hoyer(f: Tensor) -> Tensor:
 
 def bilinear_loss(coder, x: Tensor, mask: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, mse, density) by brute force: per-token explicit reconstructions, explicit prefix means."""
-    tokens = normalize(x[mask])
-    left, right = coder.left, coder.right
+    return brute_force_loss(coder, normalize(x[mask]), coder.left, coder.right, scale)
+
+
+def lift(tokens: Tensor) -> Tensor:
+    """z = [1, x̂] for each row."""
+    return torch.cat([torch.ones_like(tokens[:, :1]), tokens], dim=1)
+
+
+def affine_loss(coder, x: Tensor, mask: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """The affine variant by brute force on z = [1, x̂]: z zᵀ − L'ᵀ diag(g) R', L' = [a, L], R' = [c, R]."""
+    left = torch.cat([coder.left_bias[:, None], coder.left], dim=1)
+    right = torch.cat([coder.right_bias[:, None], coder.right], dim=1)
+    return brute_force_loss(coder, lift(normalize(x[mask])), left, right, scale)
+
+
+def brute_force_loss(
+    coder, tokens: Tensor, left: Tensor, right: Tensor, scale: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, mse, density) of ``coder``'s kind on ``tokens`` (N, e) with atoms ``left``, ``right``."""
     f = (tokens @ left.T) * (tokens @ right.T)
     g = weights_g(coder, f)
     m = f.shape[1]

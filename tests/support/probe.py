@@ -6,19 +6,21 @@ import json
 from pathlib import Path
 
 import lightning as L
+import torch
 from safetensors.torch import save_file
 
 
 class DataProbe(L.Callback):
-    """Writes ``rank<r>.json`` (a checksum of each batch's tokens) and ``rank<r>.safetensors`` (final weights)."""
+    """Writes ``rank<r>.json`` (a checksum of each batch's activations) and ``rank<r>.safetensors`` (final weights)."""
 
     def __init__(self, directory: str) -> None:
         self.directory = Path(directory)
         self.sums: list[int] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        ids = batch["input_ids"]
-        self.sums.append(int((ids * (1 + ids.new_tensor(range(ids.numel())).view_as(ids) % 7)).sum()))
+        acts = batch["acts"].double()  # the real tokens this rank trains on (after the activation source)
+        weights = 1 + torch.arange(acts.shape[0], dtype=torch.float64) % 7
+        self.sums.append(round(float((acts.sum(-1) * weights).sum()), 6))
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

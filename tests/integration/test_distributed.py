@@ -3,31 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_train import TINY
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.configs import TINY, cli, cli_env
 
 
 @pytest.mark.slow
 def test_ddp_two_cpu_ranks(tmp_path: Path) -> None:
     probe = tmp_path / "probe"
-    cmd = [
-        sys.executable, "-m", "bilae.train", *TINY, "steps=6", "trainer.val_check_interval=6",
+    cmd = cli(
+        "bilae.train", *TINY, "steps=6", "trainer.val_check_interval=6",
         "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
         "+callbacks.probe._target_=tests.support.probe.DataProbe", f"+callbacks.probe.directory={probe}",
         f"hydra.run.dir={tmp_path / 'run'}",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    )  # fmt: skip
+    done = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     sums = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert len(sums[0]) == len(sums[1]) == 6

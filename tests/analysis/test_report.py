@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bilae import Autoencoder
+from bilae.analysis.registry import AnalysisSettings, run_analyses
 from bilae.analysis.session import AnalysisSession
 from bilae.report import build_report, render_report, write_report
 
@@ -46,12 +47,17 @@ def session(kind: str = "mixed") -> AnalysisSession:
     return AnalysisSession(coder, fake_batches(), Tok())
 
 
+def report_of(s: AnalysisSession, latents: list[int]):
+    """The report of every registered analysis, as the callback and bilae-analyze build it."""
+    return build_report(s, latents, run_analyses(s, latents, AnalysisSettings()))
+
+
 @pytest.fixture(scope="module")
 def report_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, AnalysisSession, list[int]]:
     torch.manual_seed(0)
     s = session()
     latents = s.choose(n=3, skip=2)
-    path = write_report(tmp_path_factory.mktemp("report") / "sub" / "report.html", build_report(s, latents))
+    path = write_report(tmp_path_factory.mktemp("report") / "sub" / "report.html", report_of(s, latents))
     return path, s, latents
 
 
@@ -65,8 +71,16 @@ def test_report_is_self_contained_and_has_every_section(report_file) -> None:
     assert not re.findall(r"https?://", own), "nothing of ours points at the network"
     assert own.count("Plotly.newPlot") >= 1
     assert 1 < len(text.encode()) / 1e6 < 8, "plotly.js inline once, data compact"
-    for title in ("Manifolds", "Effective dimension", "Overlaps", "Spectra", "Composite atlas", "contexts"):
-        assert f"<h2>{title}" in text or title in text, title
+    titles = re.findall(r"<h2>(.*?)</h2>", text)
+    assert titles == [
+        "Manifolds", "Effective dimension", "Overlaps", "Spectra", "Composite atlas",
+        "Max- and min-activating contexts",
+    ], titles  # fmt: skip
+    # Every section holds what it promises: figures for each shown latent, contexts for each.
+    for latent in latents:
+        assert f"Overlaps of latent {latent}" in text and f"Spectrum of latent {latent}" in text
+        assert f"<b>latent {latent}</b>" in text
+    assert text.count('class="plotly-graph-div"') == 1 + 2 * len(latents) + 1, "ged, overlaps, spectra, atlas"
     options = re.findall(r'<option value="(\d+)">latent (\d+) ', text)
     assert [int(o[1]) for o in options] == latents and [o[0] for o in options] == ["0", "1", "2"]
     assert list(path.parent.iterdir()) == [path], "written atomically, no temporary file left"
@@ -90,7 +104,7 @@ def test_report_without_bottleneck_says_what_was_skipped() -> None:
     s = session("vanilla")
     latents = s.choose(n=2)
     assert len(latents) == 2
-    text = render_report(build_report(s, latents))
+    text = render_report(report_of(s, latents))
     assert text.count("skipped: a &#x27;vanilla&#x27; autoencoder has no bottleneck") == 3
     assert "Spectrum of latent" in text and 'id="manifold-select"' in text
 
@@ -98,8 +112,9 @@ def test_report_without_bottleneck_says_what_was_skipped() -> None:
 def test_report_without_sample_keeps_weight_analyses() -> None:
     coder = Autoencoder.from_config("mixed", d_model=D, layer=1, expansion=4, bottleneck=1)
     s = AnalysisSession(coder, [], None)
-    text = render_report(build_report(s, s.choose(n=2)))
-    assert "no activation sample" in text and "Spectrum of latent" in text and "<option" not in text
+    text = render_report(report_of(s, s.choose(n=2)))
+    assert text.count("skipped: no activation sample") == 2, "manifolds and contexts"
+    assert "Spectrum of latent" in text and "<option" not in text
 
 
 # ------------------------------------------------------------------------------------------- in a browser

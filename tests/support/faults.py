@@ -1,0 +1,94 @@
+"""Test-only callbacks that inject faults at exact steps, so no test races a wall clock.
+
+Used through Hydra from a subprocess, e.g. ``+callbacks.fault._target_=tests.support.faults.KillAt
++callbacks.fault.step=7``. Lightning runs checkpoint callbacks after every other callback, so a kill "at step N"
+(after optimiser step N) happens before step N's checkpoint is written: the last checkpoint is step N - 1.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal as signals
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+
+class KillAt(L.Callback):
+    """Send ``signal`` to this process right after optimiser step ``step``, or halfway through writing a checkpoint.
+
+    Args:
+        step: the optimiser step (``trainer.global_step``) at which to fire, once.
+        signal: ``SIGKILL`` (the process dies at once) or ``SIGTERM`` (Lightning stops at the next batch).
+        during: ``"step"`` (after the step), or ``"write"``: while the checkpoint of ``step`` named ``file`` is
+            being written through the trainer's own checkpoint IO, after half of its bytes reached the disk.
+        file: the checkpoint file whose write is interrupted (``during="write"``).
+    """
+
+    def __init__(
+        self, step: int, signal: str = "SIGKILL", during: str = "step", file: str = "last.ckpt"
+    ) -> None:
+        if during not in ("step", "write"):
+            raise ValueError(f"during must be 'step' or 'write', got {during!r}")
+        self.step, self.signal, self.during, self.file = step, getattr(signals, signal), during, file
+        self.fired = False
+
+    def fire(self) -> None:
+        self.fired = True
+        os.kill(os.getpid(), self.signal)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.during == "step" and not self.fired and trainer.global_step == self.step:
+            self.fire()
+
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        if self.during != "write":
+            return
+        io_plugin = trainer.strategy.checkpoint_io
+        original = io_plugin.save_checkpoint
+
+        def save_checkpoint(checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+            if checkpoint.get("global_step") == self.step and Path(path).name == self.file and not self.fired:
+                self.write_half_then_fire()
+            original(checkpoint, path, storage_options)
+
+        io_plugin.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
+
+    def write_half_then_fire(self) -> None:
+        """Make the next ``torch.save`` (the one inside bilae's atomic write) stop halfway and fire."""
+        real_save = torch.save
+
+        def half(obj: Any, handle: Any, *args: Any, **kwargs: Any) -> None:
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            data = buffer.getvalue()
+            handle.write(data[: len(data) // 2])
+            handle.flush()
+            os.fsync(handle.fileno())
+            self.fire()
+
+        torch.save = half  # type: ignore[assignment]
+
+
+class PoisonActivations(L.Callback):
+    """From optimiser step ``step`` on, every activation batch is NaN (a broken layer or an fp16 overflow)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.poisoned = False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step < self.step or self.poisoned:
+            return
+        source = trainer.datamodule.activations  # type: ignore[attr-defined]
+        harvest = source.activations
+
+        def poisoned(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            acts, mask = harvest(batch)
+            return torch.full_like(acts, float("nan")), mask
+
+        source.activations = poisoned
+        self.poisoned = True
