@@ -20,10 +20,21 @@ import torch
 from bilae.lm import load_lm
 from tests.support import configs
 
+SEED = 0
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Name the seeds of a failed test in its report (tests seeding their own generators say so in messages)."""
+    report = yield
+    if report.failed:
+        report.sections.append(("seeds", f"torch.manual_seed({SEED}) ran before this test (tests/conftest.py)"))
+    return report
 
 
 @pytest.fixture(autouse=True)

@@ -149,7 +149,7 @@ def test_nan_activations_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path
 
 
 # ------------------------------------------------------------------------------------ SIGTERM and SIGKILL
-STEPS = 30
+STEPS = 16
 COMMON = [*NO_CALLBACKS, f"steps={STEPS}", "trainer.val_check_interval=100", "callbacks=[checkpoint,on_exception]",
           "callbacks.checkpoint.every_n_train_steps=1", MONITOR_NONE]  # fmt: skip
 
@@ -177,13 +177,13 @@ def assert_same_weights_as_an_uninterrupted_run(run: Path, tmp_path: Path) -> No
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    stopped = launch(run, FAULT, "+callbacks.fault.step=9", "+callbacks.fault.signal=SIGTERM")
+    stopped = launch(run, FAULT, "+callbacks.fault.step=6", "+callbacks.fault.signal=SIGTERM")
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     assert "SIGTERM" in stopped.stderr and "ckpt_path" in stopped.stderr and "Traceback" not in stopped.stderr
     interrupted = run / "checkpoints" / "interrupted.ckpt"
-    # The handler only flags the signal: step 9 finishes (its checkpoint included) and Lightning stops at the next
+    # The handler only flags the signal: step 6 finishes (its checkpoint included) and Lightning stops at the next
     # batch boundary, saving interrupted.ckpt of the same step.
-    assert checkpoint_step(interrupted) == 9 and checkpoint_step(run / "checkpoints" / "last.ckpt") == 9
+    assert checkpoint_step(interrupted) == 6 and checkpoint_step(run / "checkpoints" / "last.ckpt") == 6
     done = launch(run, f"ckpt_path={interrupted}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_weights_as_an_uninterrupted_run(run, tmp_path)
@@ -193,15 +193,15 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path: Path) -> None
 def test_sigkill_after_a_step_and_mid_write_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     run = tmp_path / "run"
     checkpoints = run / "checkpoints"
-    # 1. Killed right after step 7: its checkpoint was never written, the last one is step 6.
-    killed = launch(run, FAULT, "+callbacks.fault.step=7")
+    # 1. Killed right after step 5: its checkpoint was never written, the last one is step 4.
+    killed = launch(run, FAULT, "+callbacks.fault.step=5")
     assert killed.returncode == -9, killed.stderr[-3000:]
-    assert checkpoint_step(checkpoints / "last.ckpt") == 6
-    # 2. Resumed, then killed halfway through writing last.ckpt of step 15: the step-14 file is intact, and the
+    assert checkpoint_step(checkpoints / "last.ckpt") == 4
+    # 2. Resumed, then killed halfway through writing last.ckpt of step 11: the step-10 file is intact, and the
     #    half-written temporary file beside it proves the kill landed mid-write.
-    killed = launch(run, "ckpt_path=last", FAULT, "+callbacks.fault.step=15", "+callbacks.fault.during=write")
+    killed = launch(run, "ckpt_path=last", FAULT, "+callbacks.fault.step=11", "+callbacks.fault.during=write")
     assert killed.returncode == -9, killed.stderr[-3000:]
-    assert checkpoint_step(checkpoints / "last.ckpt") == 14
+    assert checkpoint_step(checkpoints / "last.ckpt") == 10
     partial = list(checkpoints.glob(".last.ckpt.*.tmp"))
     assert len(partial) == 1 and 0 < partial[0].stat().st_size < (checkpoints / "last.ckpt").stat().st_size
     # 3. Resumed to the end: the same weights as a run that was never interrupted.
