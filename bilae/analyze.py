@@ -32,6 +32,7 @@ from bilae.config import CONF_DIR
 from bilae.errors import CheckpointError, UsageError
 from bilae.report import build_report, write_report
 from bilae.source import ActivationSource
+from bilae.validation import check_analyze
 
 log = logging.getLogger("bilae")
 
@@ -87,6 +88,7 @@ def resolve_device(device: str) -> torch.device:
 
 def run(cfg: DictConfig) -> Path:
     """Analyse the checkpoint, log to the configured loggers and write the report; returns the report's path."""
+    check_analyze(cfg)
     L.seed_everything(cfg.seed, verbose=False)
     coder, source = load_checkpoint(cfg)
     log.info(

@@ -28,6 +28,7 @@ from bilae.lm import load_lm
 from bilae.module import BilinearAutoencoderModule
 from bilae.optim import OptimizerConfig
 from bilae.source import ActivationSource, ShuffleBuffer, SourcedDataModule
+from bilae.validation import check_train
 
 
 def instantiate_clean(node: Any, **kwargs: Any) -> Any:
@@ -182,6 +183,7 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
 
 def build(cfg: DictConfig) -> tuple[BilinearAutoencoderModule, SourcedDataModule, L.Trainer]:
     """Everything a training run needs, instantiated from the composed config (seeded, so builds reproduce)."""
+    check_train(cfg)  # every value that needs no model, before anything is loaded
     L.seed_everything(cfg.seed, workers=True)
     coders, datamodule = build_training_data(cfg)
     module = BilinearAutoencoderModule(

@@ -41,9 +41,24 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         raise DataError(f"{path} is not the metadata of a bilae activation cache (format {FORMAT!r})")
     if meta.get("version") != VERSION:
         raise DataError(f"{path} has cache format version {meta.get('version')}; this bilae reads {VERSION}")
+    check_meta_fields(meta, path)
     if not meta["splits"]["train"]["n_tokens"]:
         raise DataError(f"activation cache {path.parent} holds no training tokens")
     return meta
+
+
+def check_meta_fields(meta: dict[str, Any], path: Path) -> None:
+    """The fields training reads, with the right types; the error names the first that is missing or wrong."""
+    for key, kind in (("model", str), ("layer", int), ("d_model", int), ("dtype", str), ("splits", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise DataError(
+                f"{path} has no valid {key!r} (got {meta.get(key)!r}); rebuild the cache with bilae-cache"
+            )
+    if meta["dtype"] not in DTYPES:
+        raise DataError(f"{path} stores dtype {meta['dtype']!r}; supported: {', '.join(DTYPES)}")
+    train = meta["splits"].get("train")
+    if not isinstance(train, dict) or not isinstance(train.get("n_tokens"), int):
+        raise DataError(f"{path} has no 'train' split in its 'splits'; rebuild the cache with bilae-cache")
 
 
 def shard_paths(directory: str | Path, meta: dict[str, Any], split: str) -> list[tuple[Path, int]]:

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from itertools import islice
@@ -39,6 +42,7 @@ from bilae.cache_reader import DTYPES, FORMAT, META_FILE, SPLITS, VERSION
 from bilae.data import TokenBatches
 from bilae.errors import DataError, UsageError, unknown
 from bilae.hooks import Harvester
+from bilae.validation import check_cache
 
 log = logging.getLogger("bilae")
 
@@ -147,20 +151,82 @@ def split_batches(cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
 
 
 def build_cache(cfg: DictConfig) -> dict[str, Any]:
-    """Harvest the ``model``/``data`` of ``cfg`` into ``cfg.cache.dir``; returns the metadata written."""
+    """Harvest the ``model``/``data`` of ``cfg`` into ``cfg.cache.dir``; returns the metadata written.
+
+    Everything is checked before anything is loaded or written; the cache is harvested into a staging directory
+    beside the target and moved into place only once complete, so a failed command leaves an existing cache (and
+    every file bilae did not write) byte-identical.
+    """
+    directory = check_cache_options(cfg)
+    L.seed_everything(cfg.seed)
+    harvester = build_harvester(cfg.model).to(cfg.cache.device)
+    splits = split_batches(cfg, harvester.tokenizer)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    try:
+        meta = harvest_into(cfg, harvester, splits, staging)
+        swap_into_place(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # only ever bilae's own staging directory
+    log.info(
+        "activation cache written: %s (%d tokens, %d shards)", directory, meta["n_tokens"], meta["shards"]
+    )
+    return meta
+
+
+def check_cache_options(cfg: DictConfig) -> Path:
+    """The cache directory, after every ``cache.*`` option and the target directory were checked."""
+    check_cache(cfg)
     options = cfg.cache
+    if OmegaConf.is_missing(options, "dir"):
+        raise UsageError("bilae-cache needs cache.dir=<directory>: where to write the activation cache")
     if cfg.data.get("source") == "cache":
         raise UsageError(
             "data=cache reads a cache; to build one, pick a text corpus (data=pydoc, files, ...)"
         )
     if options.dtype not in DTYPES:
         raise unknown("cache dtype", options.dtype, DTYPES)
-    if options.shard_tokens <= 0:
-        raise UsageError(f"cache.shard_tokens must be positive, got {options.shard_tokens}")
-    directory = prepare_directory(Path(options.dir).expanduser(), options.overwrite)
-    L.seed_everything(cfg.seed)
-    harvester = build_harvester(cfg.model).to(options.device)
-    splits = split_batches(cfg, harvester.tokenizer)
+    for key in ("tokens", "batches", "shard_tokens"):
+        value = options.get(key)
+        if value is None and key != "shard_tokens":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            valid = "a positive integer" + ("" if key == "shard_tokens" else " or null")
+            raise UsageError(f"cache.{key} must be {valid}, got {value!r}")
+    if not isinstance(options.overwrite, bool):
+        raise UsageError(f"cache.overwrite must be true or false, got {options.overwrite!r}")
+    directory = Path(str(options.dir)).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(
+            f"cache.dir {directory} is a file; give a new or empty directory (or an existing cache)"
+        )
+    if is_cache(directory):
+        if not options.overwrite:
+            raise UsageError(
+                f"{directory} already holds an activation cache; pass cache.overwrite=true to replace it"
+            )
+    elif directory.is_dir() and any(directory.iterdir()):
+        held = sorted(p.name for p in directory.iterdir())[:5]
+        raise UsageError(
+            f"cache.dir {directory} is not empty and not an activation cache (it holds {held}); "
+            "bilae never deletes what it did not write: choose a new or empty directory"
+        )
+    return directory
+
+
+def is_cache(directory: Path) -> bool:
+    """Whether ``directory`` holds a finished bilae activation cache (its meta.json says so)."""
+    try:
+        return json.loads((directory / META_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def harvest_into(
+    cfg: DictConfig, harvester: Harvester, splits: dict[str, Any], directory: Path
+) -> dict[str, Any]:
+    """Harvest every split into ``directory`` and write its ``meta.json`` last; returns the metadata."""
+    options = cfg.cache
     summaries = {}
     for split, batches in splits.items():
         limit = options.tokens if split == "train" else None
@@ -182,24 +248,34 @@ def build_cache(cfg: DictConfig) -> dict[str, Any]:
         "splits": summaries,
     }  # fmt: skip
     atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2) + "\n")
-    log.info(
-        "activation cache written: %s (%d tokens, %d shards)", directory, meta["n_tokens"], meta["shards"]
-    )
     return meta
 
 
-def prepare_directory(directory: Path, overwrite: bool) -> Path:
-    """Refuse to clobber a finished cache unless ``overwrite``; then drop its metadata first, then its shards."""
-    if (directory / META_FILE).exists():
-        if not overwrite:
-            raise UsageError(
-                f"{directory} already holds an activation cache; pass cache.overwrite=true to replace it"
-            )
-        (
-            directory / META_FILE
-        ).unlink()  # first: a crash from here on leaves an unfinished cache, never a mixed one
-    for split in SPLITS:
-        for old in (directory / split).glob("*.safetensors"):
-            old.unlink()
+def swap_into_place(staging: Path, directory: Path) -> None:
+    """Move the finished cache in ``staging`` to ``directory``, replacing only the files of an old cache there.
+
+    The old ``meta.json`` goes first (from then on the directory reads as an unfinished harvest, never as a mix of
+    two caches), then the new shards replace or join the old ones, the old cache's other shards are removed, and
+    the new ``meta.json`` comes last. Files bilae did not write are never touched.
+    """
+    old_shards = set(listed_shards(directory)) if is_cache(directory) else set()
     directory.mkdir(parents=True, exist_ok=True)
-    return directory
+    (directory / META_FILE).unlink(missing_ok=True)
+    new_shards = listed_shards(staging)
+    for name in new_shards:
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, directory / name)
+    for name in old_shards - set(new_shards):
+        (directory / name).unlink(missing_ok=True)
+    os.replace(staging / META_FILE, directory / META_FILE)
+
+
+def listed_shards(directory: Path) -> list[str]:
+    """The shard files (relative paths) a cache's meta.json lists; each must stay inside its split folder."""
+    meta = json.loads((directory / META_FILE).read_text())
+    names = [entry["file"] for split in SPLITS for entry in meta["splits"].get(split, {}).get("shards", [])]
+    for name in names:
+        parts = Path(name).parts
+        if len(parts) != 2 or parts[0] not in SPLITS or not parts[1].endswith(".safetensors"):
+            raise DataError(f"{directory / META_FILE} lists a shard outside its split folders: {name!r}")
+    return names

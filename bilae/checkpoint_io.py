@@ -1,10 +1,12 @@
-"""Lightning checkpoints that are never half-written."""
+"""Lightning checkpoints that are never half-written, and an exception checkpoint that never saves a wrong model."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from bilae.autoencoders.checkpoint import atomic_write
@@ -18,3 +20,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         atomic_write(path, lambda handle: torch.save(checkpoint, handle))
+
+
+class ExceptionCheckpoint(OnExceptionCheckpoint):
+    """Save a checkpoint when a run stops on an exception (SIGTERM, Ctrl+C, a non-finite loss), but only of a model
+    that was actually training.
+
+    A run that fails before training starts (a resume whose restore failed, a shape mismatch, a bad value found in
+    setup) saves nothing, so the checkpoint it was resuming from (often this very file) stays byte-identical.
+    """
+
+    def __init__(self, dirpath: Any, filename: str = "interrupted") -> None:
+        super().__init__(dirpath, filename)
+        self.training = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.training = True  # the restore (if any) succeeded and the weights are the run's own
+
+    def on_exception(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if self.training:
+            super().on_exception(trainer, *args, **kwargs)

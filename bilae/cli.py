@@ -24,6 +24,7 @@ from typing import Any, NoReturn, TypeVar
 
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from bilae.errors import BilaeError, CheckpointError, TrainingError, UsageError
 
@@ -51,6 +52,9 @@ def as_bilae_error(err: BaseException, where: str | Path | None = None) -> Bilae
     """
     if isinstance(err, BilaeError):
         return err
+    if isinstance(err, MissingMandatoryValue):  # a `???` the user did not fill in, e.g. cache.dir or data.dir
+        key = err.full_key or "a required setting"
+        return UsageError(f"missing value for {key}: give {key}=<value> on the command line")
     if isinstance(err, OSError) and err.errno in _DISK_FULL:
         return TrainingError(
             f"no space left on the device while writing {_where(err, where)}; free some space and resume"
@@ -142,22 +146,40 @@ def ensure_writable(path: str | Path, *, create: bool = True) -> Path:
 
 
 class CheckOutputDir(HydraCallback):
-    """Hydra callback: refuse an unwritable run (or sweep) directory before Hydra tries to create it.
+    """Hydra callback: refuse an unwritable run (or sweep) directory, and a config with an out-of-range or
+    wrongly typed value, before Hydra creates the directory or writes its ``.hydra/`` record there.
 
-    Hydra creates the directory before the task runs, and would answer a failure with a traceback.
+    Hydra would answer an unwritable directory with a traceback, and would overwrite an existing run's record
+    before the command found its bad value.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config, config.hydra.run.dir)
+        self._check(config, config.hydra.run.dir, preflight=True)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config, config.hydra.sweep.dir)
+        self._check(config, config.hydra.sweep.dir, preflight=False)  # each job checks its own values
 
-    def _check(self, config: DictConfig, directory: str) -> None:
+    def _check(self, config: DictConfig, directory: str, *, preflight: bool) -> None:
+        prog = f"bilae-{config.hydra.job.name}"
         try:
             ensure_writable(directory, create=False)
+            if preflight:
+                check_config(str(config.hydra.job.name), config)
         except UsageError as err:
-            fail(f"bilae-{config.hydra.job.name}", err)
+            fail(prog, err)
+
+
+def check_config(job: str, cfg: DictConfig) -> None:
+    """The checks of :mod:`bilae.validation` for the command ``job`` (train, analyze or cache)."""
+    from bilae import validation
+
+    checks = {
+        "train": validation.check_train,
+        "analyze": validation.check_analyze,
+        "cache": validation.check_cache,
+    }
+    if job in checks:
+        checks[job](cfg)
 
 
 def safe_checkpoint(path: str | Path) -> str:
@@ -172,7 +194,9 @@ def safe_checkpoint(path: str | Path) -> str:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; give a .ckpt file written by bilae-train")
     try:
-        with warnings.catch_warnings():  # unknown pickle protocols in garbage files: the error below says it all
+        with (
+            warnings.catch_warnings()
+        ):  # unknown pickle protocols in garbage files: the error below says it all
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -185,7 +209,9 @@ def safe_checkpoint(path: str | Path) -> str:
     except Exception as err:  # noqa: BLE001 - any failure to parse arbitrary bytes means a corrupt file
         # Unpickling random bytes can fail in any way (IndexError: pop from empty list, KeyError, MemoryError...).
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {first})") from None
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {first})"
+        ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no 'state_dict')")
     return str(path)

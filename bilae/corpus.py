@@ -35,36 +35,82 @@ def file_texts(paths: str | list[str], text_column: str = "text") -> Iterator[st
     patterns = [paths] if isinstance(paths, str) else list(paths)
     files = sorted({f for p in patterns for f in glob.glob(str(Path(p).expanduser()), recursive=True)})
     if not files:
-        raise DataError(f"no files match {patterns}")
+        raise DataError(
+            f"data.source_kwargs.paths {patterns} matches no files; give paths or globs such as 'corpus/*.txt'"
+        )
     for file in files:
         yield from _read_file(Path(file), text_column)
 
 
 def _read_file(file: Path, text_column: str) -> Iterator[str]:
+    """The documents of one file; any way it cannot be read is one DataError naming it."""
+    if file.is_dir():
+        raise DataError(f"{file} is a directory, not a text file; point data.source_kwargs.paths at files")
+    if not file.exists():
+        raise DataError(f"{file} does not exist (a dangling symbolic link?)")
+    try:
+        yield from _documents(file, text_column)
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{file} is not UTF-8 text (byte {err.object[err.start]:#04x} at position {err.start}); "
+            "convert it to UTF-8"
+        ) from None
+    except OSError as err:
+        raise DataError(f"cannot read {file}: {err.strerror or err}") from None
+
+
+def _documents(file: Path, text_column: str) -> Iterator[str]:
     if file.suffix in (".txt", ".md"):
         yield file.read_text(encoding="utf-8")
     elif file.suffix == ".jsonl":
         with file.open(encoding="utf-8") as lines:
             for number, line in enumerate(lines, 1):
                 if line.strip():
-                    yield _column(json.loads(line), text_column, f"{file}:{number}")
+                    yield _column(_json_row(line, f"{file}:{number}"), text_column, f"{file}:{number}")
     elif file.suffix == ".parquet":
-        import pyarrow.parquet as pq  # a dependency of datasets
-
-        table = pq.read_table(file)
-        if text_column not in table.column_names:
-            raise DataError(f"{file} has no column {text_column!r}; columns: {table.column_names}")
-        yield from table.column(text_column).to_pylist()
+        yield from _parquet_texts(file, text_column)
     else:
         raise UsageError(
             f"cannot read {file}: unknown extension {file.suffix!r}; valid: .txt, .md, .jsonl, .parquet"
         )
 
 
+def _json_row(line: str, where: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where} is not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where} is a JSON {type(row).__name__}, not an object with a text field")
+    return row
+
+
+def _parquet_texts(file: Path, text_column: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq  # a dependency of datasets
+
+    try:
+        table = pq.read_table(file)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{file} is not a readable parquet file ({str(err).splitlines()[0]})") from None
+    if text_column not in table.column_names:
+        raise DataError(f"{file} has no column {text_column!r}; columns: {table.column_names}")
+    for number, text in enumerate(table.column(text_column).to_pylist()):
+        yield _text(text, f"{file} row {number}", text_column)
+
+
 def _column(row: dict, text_column: str, where: str) -> str:
     if text_column not in row:
         raise DataError(f"{where} has no field {text_column!r}; fields: {sorted(row)}")
-    return row[text_column]
+    return _text(row[text_column], where, text_column)
+
+
+def _text(value: object, where: str, text_column: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(
+            f"{where}: field {text_column!r} holds {value!r} ({type(value).__name__}), not a string"
+        )
+    return value
 
 
 def hf_texts(

@@ -60,7 +60,7 @@ def test_local_files_txt_jsonl_parquet(tmp_path):
 def test_local_file_errors(tmp_path):
     (tmp_path / "b.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     (tmp_path / "d.csv").write_text("x")
-    with pytest.raises(DataError, match="no files match"):
+    with pytest.raises(DataError, match="matches no files"):
         list(text_source("files", paths=str(tmp_path / "*.nothing")))
     with pytest.raises(DataError, match=r"b.jsonl:1 has no field 'text'; fields: \['body'\]"):
         list(text_source("files", paths=str(tmp_path / "b.jsonl")))

@@ -350,6 +350,18 @@ class Autoencoder(nn.Module):
                     f"(d_model={self.d_model}, expansion={self.config.expansion}, "
                     f"bottleneck={self.config.bottleneck}) needs {shape}"
                 )
+        for name, tensor in state.items():
+            if not tensor.is_floating_point():
+                raise CheckpointError(
+                    f"{where}: tensor {name!r} has dtype {tensor.dtype}; weights must be float32, float16, bfloat16 "
+                    "or float64"
+                )
+            if not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise CheckpointError(
+                    f"{where}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf) of {tensor.numel()}; "
+                    "this export is broken: use an earlier checkpoint"
+                )
 
     def extra_repr(self) -> str:
         return f"name={self.config.name!r}, d_model={self.d_model}, d_features={self.d_features}"

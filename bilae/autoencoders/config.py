@@ -67,6 +67,14 @@ class AutoencoderConfig:
             raise UsageError(f"expansion must be positive, got {self.expansion}")
         if self.k <= 0:
             raise UsageError(f"k must be positive, got {self.k}")
+        if self.bottleneck is not None and (
+            isinstance(self.bottleneck, bool)
+            or not isinstance(self.bottleneck, (int, float))
+            or not math.isfinite(self.bottleneck)
+        ):
+            raise UsageError(
+                f"bottleneck must be a finite number (a multiple of d_model) or null, got {self.bottleneck!r}"
+            )
         if self.bottleneck is not None and not (self.bottleneck > 0 and self.d_bottleneck > 0):
             raise UsageError(f"bottleneck must be positive (a multiple of d_model), got {self.bottleneck!r}")
         for key in ("alpha", "beta"):
@@ -141,7 +149,10 @@ class AutoencoderConfig:
             raise UsageError(f"{source} has no {', '.join(missing)}; a config needs kind, d_model and layer")
         known = {key: data[key] for key in cls.fields() if key in data}
         extra = {key: value for key, value in data.items() if key not in known and key != "extra"}
-        extra.update(data.get("extra") or {})
+        stored = data.get("extra") or {}
+        if not isinstance(stored, dict):
+            raise UsageError(f"{source}: extra must be a JSON object of unknown keys, got {stored!r}")
+        extra.update(stored)
         return cls(**known, extra=extra)
 
 

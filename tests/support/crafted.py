@@ -1,7 +1,7 @@
 """Crafted bad inputs for the reliability tests, and an in-process CLI driver.
 
-``python -m tests.support.crafted CASES.json`` runs ``bilae.train.main()`` once per case (``{"name", "argv"}``) in one
-process, so a table of bad inputs pays for the imports once. Each case is the real console-script path (Hydra,
+``python -m tests.support.crafted CASES.json`` runs ``bilae.<prog>.main()`` once per case (``{"name", "argv"[, "prog"]}``)
+in one process, so a table of bad inputs pays for the imports once. Each case is the real console-script path (Hydra,
 bilae's error reporting, ``sys.exit``); the driver catches the ``SystemExit`` (except the last case's, which ends the
 process for real) and brackets each case's output::
 
@@ -52,19 +52,20 @@ def truncate(path: Path, keep: float = 0.5) -> Path:
 
 # ------------------------------------------------------------------------------------------------ driver
 def run_cases(cases: list[dict[str, Any]]) -> None:
-    """Run each case's ``bilae-train`` command line in turn; the last one's exit ends the process for real."""
+    """Run each case's command line (``prog``: train, analyze or cache; train by default) in turn; the last one's
+    exit ends the process for real."""
+    import importlib
+
     from hydra.core.global_hydra import GlobalHydra
 
-    from bilae import train
-
     for i, case in enumerate(cases):
-        name = case["name"]
+        name, prog = case["name"], case.get("prog", "train")
         for stream in (sys.stdout, sys.stderr):
             print(f"@@case {name}", file=stream, flush=True)
-        sys.argv = ["bilae-train", *case["argv"]]
+        sys.argv = [f"bilae-{prog}", *case["argv"]]
         code: object = 0
         try:
-            train.main()
+            importlib.import_module(f"bilae.{prog}").main()
         except SystemExit as done:
             code = done.code
             if i == len(cases) - 1:
