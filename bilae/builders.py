@@ -16,18 +16,22 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from bilae.autoencoders import Autoencoder, AutoencoderConfig
+from bilae.autoencoders.streaming_loss import available_ram
 from bilae.cache_reader import META_FILE, read_meta
 from bilae.checkpoint_io import AtomicCheckpointIO
 from bilae.cli import safe_checkpoint
+from bilae.console import StepProgressBar
 from bilae.errors import BilaeError, CheckpointError, UsageError
 from bilae.hooks import Harvester
 from bilae.lm import load_lm
 from bilae.module import BilinearAutoencoderModule
 from bilae.optim import OptimizerConfig
 from bilae.source import ActivationSource, ShuffleBuffer, SourcedDataModule
+from bilae.tracking import is_wandb, wandb_arguments
 from bilae.validation import check_train
 
 
@@ -90,10 +94,26 @@ def _coder(options: dict[str, Any], d_model: int, layer: int, seed: int) -> Auto
     # Each coder's initialisation depends on the seed and its own name only, not on what trains beside it.
     options = dict(options)
     kind = options.pop("kind")
-    name = AutoencoderConfig(kind=kind, d_model=d_model, layer=layer, **options).name
+    config = AutoencoderConfig(kind=kind, d_model=d_model, layer=layer, **options)
+    check_fits_in_memory(config)
+    name = config.name
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         return Autoencoder.from_config(kind, d_model=d_model, layer=layer, **options)
+
+
+def check_fits_in_memory(config: AutoencoderConfig, copies: int = 4) -> None:
+    """Refuse a coder whose weights and training state (weights, gradients, momentum, scratch: ``copies`` float32
+    copies) cannot be allocated in the RAM available, saying how much it needs."""
+    m, d, b = config.d_features, config.d_model, config.d_bottleneck
+    need = copies * 4 * (2 * m * d + b * m)
+    have = available_ram()
+    if need > have:
+        raise UsageError(
+            f"autoencoder.expansion={config.expansion} at d_model {d} means {m:,} latents: its weights and "
+            f"training state need about {need / 2**30:.1f} GiB, but {have / 2**30:.1f} GiB of memory is available; "
+            "lower autoencoder.expansion (or autoencoder.bottleneck)"
+        )
 
 
 def load_coder(path: str, harvester: Harvester) -> Autoencoder:
@@ -170,15 +190,33 @@ def build_training_data(cfg: DictConfig) -> tuple[list[Autoencoder], SourcedData
 
 # ----------------------------------------------------------------------------------------------- Lightning
 def build_loggers(cfg: DictConfig) -> list[Any]:
-    """The configured Lightning loggers (none with ``logger=none``)."""
-    return [instantiate_clean(c) for c in (cfg.get("logger") or {}).values()]
+    """The configured Lightning loggers (none with ``logger=none``); a W&B logger gets this job's own run."""
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        extra = wandb_arguments(cfg, node) if is_wandb(node) else {}
+        loggers.append(instantiate_clean(node, **extra))
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The ``callbacks`` group's callbacks and, with the progress bar on, the bar that counts optimiser steps.
+
+    ``trainer.enable_checkpointing=false`` drops the checkpoint callbacks (Lightning refuses them then).
+    """
+    callbacks = [instantiate_clean(c) for c in (cfg.callbacks or {}).values()]
+    if not cfg.trainer.get("enable_checkpointing", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())
+    return callbacks
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     """The Lightning trainer with the configured loggers and callbacks; checkpoints are written atomically."""
-    callbacks = [instantiate_clean(c) for c in (cfg.callbacks or {}).values()]
     factory = instantiate_clean(cfg.trainer, _partial_=True)
-    return factory(logger=build_loggers(cfg) or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
+    return factory(
+        logger=build_loggers(cfg) or False, callbacks=build_callbacks(cfg), plugins=[AtomicCheckpointIO()]
+    )
 
 
 def build(cfg: DictConfig) -> tuple[BilinearAutoencoderModule, SourcedDataModule, L.Trainer]:

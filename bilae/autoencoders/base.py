@@ -184,6 +184,12 @@ class Autoencoder(nn.Module):
         return tokens
 
     def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise UsageError(
+                f"activations must be a torch.Tensor, got {type(x).__name__}; convert with torch.as_tensor(x)"
+            )
+        if not x.is_floating_point():
+            raise UsageError(f"activations must be floating point, got dtype {x.dtype}")
         if x.ndim == 0 or x.shape[-1] != self.d_model:
             raise UsageError(
                 f"activations of shape {tuple(x.shape)} do not fit this autoencoder: the last dimension must be "
@@ -306,6 +312,10 @@ class Autoencoder(nn.Module):
     def _load_folder(
         directory: str | os.PathLike[str], *, device: str | torch.device, dtype: torch.dtype | None
     ) -> Autoencoder:
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise UsageError(
+                f"dtype must be a floating torch dtype (torch.float32, torch.bfloat16, ...), got {dtype!r}"
+            )
         directory = Path(directory)
         source = str(directory / checkpoint.CONFIG_FILE)
         config = AutoencoderConfig.from_dict(checkpoint.read_config(directory), source=source)
