@@ -12,8 +12,10 @@ import errno
 import functools
 import os
 import pickle
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 import warnings
 import zipfile
@@ -84,26 +86,52 @@ def reported(prog: str, where: str | Path | None = None) -> Iterator[None]:
     """Turn bilae's errors (and a full or read-only disk) into one line on stderr and an exit code.
 
     SIGTERM (Lightning's ``SIGTERMException``, a ``SystemExit`` with code 0) becomes exit code 143, so a scheduler
-    sees that the run did not finish. ``where`` (the output directory) is named when a failed write names no file.
+    sees that the run did not finish; Ctrl+C (which Lightning turns into ``exit(1)`` after saving its exception
+    checkpoint) becomes exit code 130. Both say how to resume. ``where`` (the output directory) is named when a
+    failed write names no file.
     """
+    with sigint_seen() as seen:
+        try:
+            yield
+        except BaseException as err:
+            resume = f" or ckpt_path={Path(where) / 'checkpoints' / 'interrupted.ckpt'}" if where else ""
+            if isinstance(err, KeyboardInterrupt) or (seen and isinstance(err, SystemExit)):
+                print(
+                    f"{prog}: error: interrupted (Ctrl+C); resume with ckpt_path=last{resume}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                sys.exit(130)
+            if type(err).__name__ == "SIGTERMException":
+                print(
+                    f"{prog}: error: stopped by SIGTERM; resume with ckpt_path=last{resume}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                sys.exit(INTERRUPTED_EXIT_CODE)
+            mapped = as_bilae_error(err, where) if isinstance(err, Exception) else None
+            if mapped is None:
+                raise
+            fail(prog, mapped)
+
+
+@contextmanager
+def sigint_seen() -> Iterator[list[int]]:
+    """A list that records a SIGINT (Ctrl+C) while the block runs; the signal still raises KeyboardInterrupt."""
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def record(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, record)
     try:
-        yield
-    except BaseException as err:
-        if isinstance(err, KeyboardInterrupt):
-            print(f"{prog}: error: interrupted", file=sys.stderr, flush=True)
-            sys.exit(130)
-        if type(err).__name__ == "SIGTERMException":
-            saved = f" or ckpt_path={Path(where) / 'checkpoints' / 'interrupted.ckpt'}" if where else ""
-            print(
-                f"{prog}: error: stopped by SIGTERM; resume with ckpt_path=last{saved}",
-                file=sys.stderr,
-                flush=True,
-            )
-            sys.exit(INTERRUPTED_EXIT_CODE)
-        mapped = as_bilae_error(err, where) if isinstance(err, Exception) else None
-        if mapped is None:
-            raise
-        fail(prog, mapped)
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def cli(prog: str) -> Callable[[F], F]:

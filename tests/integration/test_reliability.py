@@ -209,3 +209,17 @@ def test_sigkill_after_a_step_and_mid_write_then_resume_matches_an_uninterrupted
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((run / "metrics.json").read_text())["steps"] == STEPS
     assert_same_weights_as_an_uninterrupted_run(run, tmp_path)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    stopped = launch(run, FAULT, "+callbacks.fault.step=3", "+callbacks.fault.signal=SIGINT")
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    lines = [line for line in stopped.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("bilae-train: error: interrupted (Ctrl+C)"), lines
+    assert (
+        f"ckpt_path={run / 'checkpoints' / 'interrupted.ckpt'}" in lines[0]
+        and "Traceback" not in stopped.stderr
+    )
+    assert checkpoint_step(run / "checkpoints" / "interrupted.ckpt") == 3
