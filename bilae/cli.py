@@ -69,8 +69,16 @@ def as_bilae_error(err: BaseException, where: str | Path | None = None) -> Bilae
 
 
 def _where(err: OSError, where: str | Path | None) -> str:
-    names = [str(name) for name in (err.filename, err.filename2) if name]
+    names = [_target_of(str(name)) for name in (err.filename, err.filename2) if name]
     return " -> ".join(names) or (f"under {where}" if where else "the output")
+
+
+def _target_of(name: str) -> str:
+    """The file an atomic write was writing: ``dir/.last.ckpt.x1y2.tmp`` → ``dir/last.ckpt``."""
+    path = Path(name)
+    if path.name.startswith(".") and path.name.endswith(".tmp") and path.name.count(".") >= 3:
+        return str(path.with_name(path.name[1:].rsplit(".", 2)[0]))
+    return name
 
 
 def fail(prog: str, err: BilaeError) -> NoReturn:

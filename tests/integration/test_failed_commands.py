@@ -88,3 +88,31 @@ def test_a_failed_resume_keeps_the_checkpoint_it_resumed_from(tmp_path: Path) ->
     assert done.returncode == 0, done.stderr[-2000:]
     final = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert final["global_step"] == 12
+
+
+@pytest.mark.slow
+def test_a_full_disk_keeps_the_last_checkpoint_and_the_previous_export(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    common = [*[t for t in TINY if not t.startswith("callbacks=")], "trainer.val_check_interval=100",
+              "callbacks=[checkpoint,on_exception]", "callbacks.checkpoint.monitor=null", "callbacks.checkpoint.every_n_train_steps=1",
+              f"hydra.run.dir={run_dir}"]  # fmt: skip
+    disk = "+callbacks.disk._target_=tests.support.faults.DiskFull"
+    # The disk fills while writing the checkpoint of step 4: exit 1, one line; last.ckpt is the complete step 3.
+    full = run("bilae.train", *common, "steps=6", disk, "+callbacks.disk.step=4", cwd=tmp_path)
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-2000:]
+    (line,) = error_lines(full.stderr, "bilae-train")
+    assert "no space left on the device while writing" in line and "step000004" in line, line
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 3
+    assert not list((run_dir / "checkpoints").glob(".*.tmp")), "the half-written file was removed"
+    # Resumed to the end, it exports; resumed again for longer, the disk fills while exporting: the earlier
+    # export is byte-identical.
+    done = run("bilae.train", *common, "steps=6", "ckpt_path=last", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    export = digest(run_dir / "autoencoder")
+    full = run("bilae.train", *common, "steps=8", "ckpt_path=last", disk, "+callbacks.disk.during=export",
+               cwd=tmp_path)  # fmt: skip
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-2000:]
+    (line,) = error_lines(full.stderr, "bilae-train")
+    assert "no space left on the device while writing" in line and "model.safetensors" in line, line
+    assert digest(run_dir / "autoencoder") == export, "the failed export changed the previous one"

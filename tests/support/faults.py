@@ -7,6 +7,7 @@ Used through Hydra from a subprocess, e.g. ``+callbacks.fault._target_=tests.sup
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import signal as signals
@@ -92,3 +93,54 @@ class PoisonActivations(L.Callback):
 
         source.activations = poisoned
         self.poisoned = True
+
+
+class DiskFull(L.Callback):
+    """The disk fills up: at optimiser step ``step`` while writing a checkpoint, or while exporting at fit end.
+
+    The write fails with ``ENOSPC`` after half of the bytes went through bilae's own atomic writer.
+    """
+
+    def __init__(self, during: str = "checkpoint", step: int = 0) -> None:
+        if during not in ("checkpoint", "export"):
+            raise ValueError(f"during must be 'checkpoint' or 'export', got {during!r}")
+        self.during, self.step = during, step
+        self.fired = False
+
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        if self.during != "checkpoint":
+            return
+        io_plugin = trainer.strategy.checkpoint_io
+        original = io_plugin.save_checkpoint
+
+        def save_checkpoint(checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+            if checkpoint.get("global_step") == self.step and not self.fired:
+                self.fired = True  # once: the exception checkpoint written right after finds space again
+                torch.save = _half_then_full(torch.save)  # type: ignore[assignment]
+            original(checkpoint, path, storage_options)
+
+        io_plugin.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self.during == "export":
+            import bilae.autoencoders.checkpoint as files
+
+            real = files.save_file
+
+            def full(tensors: Any, filename: str, metadata: Any = None) -> None:
+                Path(filename).write_bytes(b"\0" * 1024)  # some bytes reached the disk
+                raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+            files.save_file = full  # type: ignore[assignment]
+            del real
+
+
+def _half_then_full(real_save: Any) -> Any:
+    def half(obj: Any, handle: Any, *args: Any, **kwargs: Any) -> None:
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        torch.save = real_save  # the next write works again
+        raise OSError(errno.ENOSPC, "No space left on device", getattr(handle, "name", None))
+
+    return half
