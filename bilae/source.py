@@ -154,7 +154,9 @@ class ActivationSource:
         self.buffer.push(acts, mask)
         pushed = len(self.buffer) - before
         if pushed == 0:
-            raise TrainingError("a training batch has no real tokens to train on (all padding or special tokens)")
+            raise TrainingError(
+                "a training batch has no real tokens to train on (all padding or special tokens)"
+            )
         warm = len(self.buffer) >= self.buffer.capacity // 2
         return self.buffer.pop(pushed if warm else max(1, pushed // 2))
 

@@ -33,7 +33,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     """Name the seeds of a failed test in its report (tests seeding their own generators say so in messages)."""
     report = yield
     if report.failed:
-        report.sections.append(("seeds", f"torch.manual_seed({SEED}) ran before this test (tests/conftest.py)"))
+        report.sections.append(
+            ("seeds", f"torch.manual_seed({SEED}) ran before this test (tests/conftest.py)")
+        )
     return report
 
 

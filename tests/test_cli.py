@@ -123,7 +123,9 @@ def test_disk_full_is_a_runtime_error_naming_the_file(capsys: pytest.CaptureFixt
 def test_oserrors_map_to_usage_or_runtime_errors() -> None:
     full = as_bilae_error(OSError(errno.ENOSPC, "No space left on device", "/out/metrics.json"))
     assert isinstance(full, TrainingError) and full.exit_code == 1 and "/out/metrics.json" in str(full)
-    staged = as_bilae_error(OSError(errno.ENOSPC, "No space left on device", "/out/ckpts/.last.ckpt.k2x_9.tmp"))
+    staged = as_bilae_error(
+        OSError(errno.ENOSPC, "No space left on device", "/out/ckpts/.last.ckpt.k2x_9.tmp")
+    )
     assert "/out/ckpts/last.ckpt;" in str(staged), "an atomic write's temporary file is named by its target"
     for code in (errno.EACCES, errno.EROFS, errno.ENOTDIR):
         denied = as_bilae_error(OSError(code, os.strerror(code), "/out"))
