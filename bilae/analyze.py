@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from bilae.analysis.overlap import check_indices
 from bilae.analysis.registry import AnalysisSettings, run_analyses, selected
-from bilae.analysis.session import AnalysisSession, validation_sample
+from bilae.analysis.session import AnalysisSession, predictions_note, validation_sample
 from bilae.autoencoders import Autoencoder
 from bilae.autoencoders.checkpoint import CONFIG_FILE
 from bilae.builders import build_datamodule, build_harvester, build_loggers, check_coder_fits
@@ -51,6 +51,26 @@ def load_checkpoint(cfg: DictConfig) -> tuple[Autoencoder, str]:
     if folder.is_dir() and not (folder / CONFIG_FILE).is_file():
         folder = exported_folder(folder)
     return Autoencoder.load(folder), str(folder)
+
+
+def load_other(cfg: DictConfig, coder: Autoencoder) -> Autoencoder | None:
+    """The autoencoder named by ``compare`` (a checkpoint folder or a bilae-train run directory), checked to read
+    the same activations as ``coder``; ``None`` without ``compare``."""
+    if not cfg.get("compare"):
+        return None
+    folder = Path(str(cfg.compare)).expanduser()
+    if not folder.is_dir():
+        raise UsageError(
+            f"compare={cfg.compare} is not a folder; give an autoencoder folder (config.json + model.safetensors) "
+            "or a bilae-train run directory"
+        )
+    other = Autoencoder.load(folder if (folder / CONFIG_FILE).is_file() else exported_folder(folder))
+    if other.config.d_model != coder.config.d_model:
+        raise CheckpointError(
+            f"compare={cfg.compare} has d_model {other.config.d_model}, but checkpoint {coder.config.name} has "
+            f"d_model {coder.config.d_model}; compare autoencoders of the same model"
+        )
+    return other
 
 
 def exported_folder(run_dir: Path) -> Path:
@@ -95,6 +115,7 @@ def run(cfg: DictConfig) -> Path:
         "analyse: loaded %s (%s, %d latents) from %s", coder.config.name, coder.kind, coder.d_features, source
     )
     settings = analysis_settings(cfg, coder.d_features)
+    other = load_other(cfg, coder)
     if settings.run is not None:  # asked for by name: refuse what cannot run before loading the LM
         for analysis in selected(settings):
             if analysis.needs_bottleneck and getattr(coder, "down", None) is None:
@@ -108,7 +129,8 @@ def run(cfg: DictConfig) -> Path:
     check_coder_fits(coder, harvester, source=source)
     device = resolve_device(cfg.device)
     harvester.to(device)
-    session = AnalysisSession(coder.to(device), sample(cfg, harvester, settings, device), harvester.tokenizer)
+    batches = sample(cfg, harvester, settings, device)
+    session = AnalysisSession(coder.to(device), batches, harvester.tokenizer, other=other)
     latents = session.choose(settings.features, settings.n_features, settings.skip_densest)
     log.info("analyse: %d sampled tokens; latents shown: %s", session.n_tokens, latents)
     loggers = build_loggers(cfg)
@@ -117,7 +139,11 @@ def run(cfg: DictConfig) -> Path:
     for result in results:
         log.info("analyse: %s %s", result.analysis.name, result.skipped or f"took {result.seconds:.2f} s")
     start = time.perf_counter()
-    summary = {"checkpoint": source, "model": f"{cfg.model.name} (layer {cfg.model.layer})"}
+    summary = {
+        "checkpoint": source,
+        "model": f"{cfg.model.name} (layer {cfg.model.layer})",
+        "next-token predictions": predictions_note(batches, harvester),
+    }
     report = build_report(
         session, latents, results, title=f"bilae report: {coder.config.name}", summary=summary
     )
@@ -133,7 +159,7 @@ def sample(cfg: DictConfig, harvester: Any, settings: AnalysisSettings, device: 
     datamodule.setup("validate")
     log.info("analyse: harvesting %d validation sequences", settings.sample_sequences)
     return validation_sample(
-        datamodule, settings.sample_sequences, batch_size=cfg.data.batch_size, device=device
+        datamodule, settings.sample_sequences, batch_size=cfg.data.get("batch_size", 8), device=device
     )
 
 

@@ -50,6 +50,12 @@ def reads_cache(cfg: DictConfig) -> bool:
     return cfg.data.get("source") == "cache"
 
 
+def makes_activations(cfg: DictConfig) -> bool:
+    """Whether the data source makes its own activations of width ``data.d_model`` (``data=planted``, synthetic
+    activations): then no LM is loaded either."""
+    return cfg.data.get("source") == "planted"
+
+
 # ----------------------------------------------------------------------------------------------- the LM
 def build_harvester(model_cfg: DictConfig) -> Harvester:
     """Load the frozen LM named by the ``model`` config group and hook it at ``model.layer``."""
@@ -179,6 +185,8 @@ def build_training_data(cfg: DictConfig) -> tuple[list[Autoencoder], SourcedData
     """The coders to train and the data module feeding them (harvesting live, or reading a cache)."""
     if reads_cache(cfg):  # activations harvested by bilae-cache: the LM is never loaded
         harvester, coders = None, coders_for_cache(cfg)
+    elif makes_activations(cfg):
+        harvester, coders = None, build_coders(cfg, int(cfg.data.d_model))
     else:
         harvester = build_harvester(cfg.model)
         init_from = cfg.get("init_from")
@@ -194,7 +202,8 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     loggers = []
     for node in (cfg.get("logger") or {}).values():
         extra = wandb_arguments(cfg, node) if is_wandb(node) else {}
-        loggers.append(instantiate_clean(node, **extra))
+        # Partial first: wandb's `config` argument would collide with instantiate's own.
+        loggers.append(instantiate_clean(node, _partial_=True)(**extra))
     return loggers
 
 

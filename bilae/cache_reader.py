@@ -201,6 +201,58 @@ class CachedTokens:
         self.epoch, self.position = state["epoch"], state["position"]
 
 
+def read_sample(
+    directory: str | Path, meta: dict[str, Any], sequences: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The first ``sequences`` windows of the validation split (the training split without one), from the cache alone.
+
+    Returns ``(acts (S, T, d) float32, mask (S, T) bool, input_ids (S, T) long, attention_mask (S, T) long)``: the
+    cached activations at the tokens the harvester kept (``mask``; zeros elsewhere) and the full windows they come
+    from, exactly what a live harvest of those windows gives (``S`` is smaller when the split holds fewer windows).
+
+    Raises:
+        DataError: a shard without windows (written by an older bilae-cache), or no window at all.
+    """
+    split = "val" if (meta["splits"].get("val") or {}).get("n_tokens") else "train"
+    n_ctx, d_model = int(meta["n_ctx"]), int(meta["d_model"])
+    acts = torch.zeros(sequences, n_ctx, d_model)
+    mask = torch.zeros(sequences, n_ctx, dtype=torch.bool)
+    ids = torch.zeros(sequences, n_ctx, dtype=torch.long)
+    attention = torch.zeros(sequences, n_ctx, dtype=torch.long)
+    found = 0
+    for path, _ in shard_paths(directory, meta, split):
+        with safe_open(str(path), framework="pt") as handle:
+            if "windows" not in handle.keys():
+                raise DataError(
+                    f"activation cache shard {path} holds no token windows; rebuild the cache with bilae-cache"
+                )
+            sequence = handle.get_tensor("sequence")
+            if len(sequence) == 0 or int(sequence.min()) >= sequences:
+                break  # shards are in corpus order: the first windows are behind us
+            keep = sequence < sequences
+            rows, cols = sequence[keep], handle.get_tensor("position")[keep].long()
+            acts[rows, cols] = handle.get_tensor("acts")[keep].float()
+            mask[rows, cols] = True
+            index = handle.get_tensor("window_index")
+            ours = index < sequences
+            ids[index[ours]] = handle.get_tensor("windows")[ours].long()
+            attention[index[ours]] = handle.get_tensor("window_mask")[ours].long()
+            found = max(found, int(index[ours].max()) + 1 if ours.any() else 0)
+    if found == 0:
+        raise DataError(f"activation cache {directory} holds no {split} windows to sample")
+    return acts[:found], mask[:found], ids[:found], attention[:found]
+
+
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer a cache was harvested with, from local files only; ``None`` when it is not available."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure means "not available here": contexts then show token ids
+        return None
+
+
 class CachedActivationDataModule(SourcedDataModule):
     """Activation batches ``{"acts": (n, d), "mask": (n,)}`` read from a cache written by ``bilae-cache``.
 
@@ -211,7 +263,8 @@ class CachedActivationDataModule(SourcedDataModule):
         seed: seed of the shuffle (shard order and token order per window, per epoch).
         window_shards: shards loaded and mixed together at a time (memory: this many shards).
         source: always ``"cache"``; the builders read it to skip loading the LM.
-        tokenizer: ignored (accepted so training builds every data module the same way).
+        tokenizer: the LM's tokenizer, if loaded (``bilae-analyze``); training passes none, and
+            :meth:`display_tokenizer` then loads the cache's own.
         activations: the activation source (no harvester; an optional shuffling buffer).
     """
 
@@ -232,6 +285,7 @@ class CachedActivationDataModule(SourcedDataModule):
         self.dir, self.meta = Path(dir).expanduser(), read_meta(dir)
         self.batch_tokens, self.val_batch_tokens = batch_tokens, val_batch_tokens or batch_tokens
         self.seed, self.window_shards = seed, window_shards
+        self.tokenizer, self._looked_for_tokenizer = tokenizer, False
         self.train: CachedTokens | None = None
         self.val: CachedTokens | None = None
 
@@ -259,3 +313,16 @@ class CachedActivationDataModule(SourcedDataModule):
         if self.train is None:
             self.setup("validate")
         return self.val if self.val is not None else []
+
+    def sample_activations(self, sequences: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The analysis sample from the cache alone: ``(acts, mask, input_ids, attention_mask)`` of the first
+        ``sequences`` held-out windows (see :func:`read_sample`); no loader's resumable state moves."""
+        return read_sample(self.dir, self.meta, sequences)
+
+    def display_tokenizer(self) -> Any:
+        """The tokenizer that decodes the cached token ids: the one given, else the one the cache was harvested
+        with (``meta.json``'s ``tokenizer``) from local files; ``None`` when neither is available."""
+        if self.tokenizer is None and self.meta.get("tokenizer") and not self._looked_for_tokenizer:
+            self._looked_for_tokenizer = True
+            self.tokenizer = load_tokenizer(str(self.meta["tokenizer"]))
+        return self.tokenizer

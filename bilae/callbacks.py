@@ -1,7 +1,8 @@
 """The analysis callback: a thin adapter that decides when to run the registered analyses and logs what they give.
 
 It runs every ``every_n_steps`` optimiser steps (``None``: only at fit end) and at fit end, on rank zero only.
-Each run harvests one small sample of validation sequences, builds one
+Each run takes one small sample of validation sequences (harvested, or read from the activation cache of a run that
+trains from one), builds one
 :class:`~bilae.analysis.session.AnalysisSession` per autoencoder, runs :func:`~bilae.analysis.registry.run_analyses`
 and logs the panels to W&B under ``analysis/…`` (``wandb.Plotly``, ``wandb.Html``, ``wandb.Table``); with any other
 logger they are computed but only their timings are logged (``analysis/time/<name>``). At fit end it also writes
@@ -29,7 +30,7 @@ from bilae.analysis.registry import (
     all_panels,
     run_analyses,
 )
-from bilae.analysis.session import AnalysisSession, validation_sample
+from bilae.analysis.session import AnalysisSession, predictions_note, sample_tokenizer, validation_sample
 from bilae.autoencoders import Autoencoder
 from bilae.errors import BilaeError, UsageError
 from bilae.report import build_report, write_report
@@ -100,6 +101,7 @@ class AnalysisCallback(L.Callback):
         self.panels: Panels = {}
         self.results: dict[str, list[AnalysisResult]] = {}
         self.sessions: dict[str, tuple[AnalysisSession, list[int]]] = {}
+        self.predictions = ""
         self._last_step: int | None = None
         self._said: set[str] = set()
 
@@ -122,23 +124,23 @@ class AnalysisCallback(L.Callback):
 
     def _analyse(self, trainer: L.Trainer, coders: list[Autoencoder]) -> None:
         start = time.perf_counter()
-        try:
-            batches = validation_sample(trainer.datamodule, self.settings.sample_sequences)  # type: ignore[attr-defined]
-        except BilaeError as err:
-            log.warning("analysis: could not harvest the sample: %s", err)
-            batches = []
-        tokenizer = trainer.datamodule.activations.tokenizer  # type: ignore[attr-defined]
-        if not batches:
-            log.info("analysis: no activation sample in this run: analyses that need tokens are skipped")
-        log_panels(trainer.loggers, {}, {"analysis/time/sample": time.perf_counter() - start}, trainer.global_step)
+        datamodule: Any = trainer.datamodule  # type: ignore[attr-defined]
+        batches = self._sample(datamodule)
+        tokenizer = sample_tokenizer(datamodule)
+        self.predictions = predictions_note(batches, datamodule.activations.harvester)
+        log_panels(
+            trainer.loggers, {}, {"analysis/time/sample": time.perf_counter() - start}, trainer.global_step
+        )
         self.panels, self.sessions = {}, {}
         for coder in coders:
             prefix = f"{coder.config.name}/" if len(coders) > 1 else ""
             session = AnalysisSession(coder, batches, tokenizer)
             try:
-                latents = session.choose(self.settings.features, self.settings.n_features, self.settings.skip_densest)
+                latents = session.choose(
+                    self.settings.features, self.settings.n_features, self.settings.skip_densest
+                )
                 results = run_analyses(session, latents, self.settings)
-            except BilaeError as err:  # a bad `features` index, an empty sample: say so and keep training
+            except BilaeError as err:  # a bad `features` index: say so and keep training
                 log.warning("analysis: %s", err)
                 continue
             self.sessions[coder.config.name] = (session, latents)
@@ -146,10 +148,29 @@ class AnalysisCallback(L.Callback):
             self.panels |= log_results(trainer.loggers, results, trainer.global_step, prefix)
             done = ", ".join(f"{r.analysis.name} {r.seconds:.2f} s" for r in results if r.skipped is None)
             log.info("analysis: %sstep %d: %s", prefix, trainer.global_step, done)
-            for r in results:
-                if r.skipped is not None and prefix + r.analysis.name not in self._said:
-                    self._said.add(prefix + r.analysis.name)
-                    log.info("analysis: %s%s %s", prefix, r.analysis.name, r.skipped)
+            self._say_skipped(prefix, results, has_sample=bool(batches))
+
+    def _sample(self, datamodule: Any) -> list:
+        """The activation sample (harvested, or read from the cache); on failure one warning says why."""
+        try:
+            batches = validation_sample(datamodule, self.settings.sample_sequences)
+        except BilaeError as err:
+            batches, reason = [], str(err)
+        else:
+            reason = "no language model and no activation cache to take it from"
+        if not batches and "sample" not in self._said:
+            self._said.add("sample")
+            log.warning("analysis: no activation sample (%s): manifolds and contexts are skipped", reason)
+        return batches
+
+    def _say_skipped(self, prefix: str, results: list[AnalysisResult], *, has_sample: bool) -> None:
+        """Each skipped analysis once, with its reason (those skipped for want of a sample were said already)."""
+        for r in results:
+            key = prefix + r.analysis.name
+            if r.skipped is None or key in self._said or (not has_sample and r.analysis.needs_tokens):
+                continue
+            self._said.add(key)
+            log.info("analysis: %s%s %s", prefix, r.analysis.name, r.skipped)
 
     def _write_reports(self, trainer: L.Trainer) -> None:
         assert self.report is not None
@@ -158,7 +179,10 @@ class AnalysisCallback(L.Callback):
             if len(self.sessions) > 1:
                 path = path.with_name(f"{path.stem}-{name}{path.suffix}")
             start = time.perf_counter()
-            report = build_report(session, latents, self.results[name], title=f"bilae report: {name}")
+            summary = {"next-token predictions": self.predictions}
+            report = build_report(
+                session, latents, self.results[name], title=f"bilae report: {name}", summary=summary
+            )
             write_report(path, report)
             prefix = f"{name}/" if len(self.sessions) > 1 else ""
             seconds = time.perf_counter() - start

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,21 +15,46 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
+from bilae.analysis.sweep import flatten
 from bilae.autoencoders import Autoencoder
 from bilae.autoencoders.checkpoint import atomic_write_text
 from bilae.builders import build, resolve_ckpt_path
 from bilae.cli import ensure_writable, reported
 from bilae.config import CONF_DIR
+from bilae.console import quiet_console
 from bilae.module import BilinearAutoencoderModule
+from bilae.resume import resume_arguments
+from bilae.tracking import finish_runs
 
 log = logging.getLogger("bilae")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train, validate, export; returns the final metrics (also written to ``metrics.json``)."""
-    out = Path(cfg.paths.output_dir)
+    """Train, validate, export; returns the final metrics (also written to ``metrics.json``).
+
+    The job's W&B run (if any) is finished at the end with these metrics as its summary, so the next job of a sweep
+    starts its own run.
+    """
     module, datamodule, trainer = build(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg, out), weights_only=True)
+    try:
+        metrics = train(cfg, module, datamodule, trainer)
+    except BaseException:
+        finish_runs(trainer.loggers, exit_code=1)
+        raise
+    finish_runs(trainer.loggers, flatten(metrics))
+    return metrics
+
+
+def train(
+    cfg: DictConfig, module: BilinearAutoencoderModule, datamodule: Any, trainer: L.Trainer
+) -> dict[str, Any]:
+    """Fit (resuming from ``ckpt_path`` if set), validate once more, export and say where everything is."""
+    out = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg, out)
+    with warnings.catch_warnings():
+        if ckpt_path is not None:  # a resume continues in its own checkpoint directory on purpose
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     trained: dict[str, Any] = {**trainer.callback_metrics}  # validate() below resets callback_metrics
     final: dict[str, Any] = {**trainer.validate(module, datamodule=datamodule, verbose=False)[0]}
     metrics = summarize(module, trained, final, trainer.global_step)
@@ -126,8 +153,14 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """Console script ``bilae-train``."""
+    """Console script ``bilae-train``.
+
+    ``ckpt_path=<run>/checkpoints/last.ckpt`` (or ``=<run>``) alone resumes that run: its overrides, its directory,
+    its W&B run (see :mod:`bilae.resume`).
+    """
+    quiet_console()
     with reported("bilae-train"):
+        sys.argv = [sys.argv[0], *resume_arguments(sys.argv[1:])]
         _main()
 
 

@@ -16,6 +16,18 @@ Figures of the loss section (fp32, torch's default thread count):
 * ``peak_rss_gib`` / ``peak_rss_bound_gib`` / ``peak_rss_ratio`` — peak resident memory of one training step at paper
   size (in a fresh subprocess) against the tensors that step must hold.
 
+Streaming loss sections (``bilae.autoencoders.streaming_loss``, memory linear in m, against the blocked fast loss):
+
+* ``streaming_speed_vs_blocked`` — fwd+bwd wall time of the blocked loss ÷ that of the streaming loss at d=256,
+  m=4096, N=2048 (interleaved repeats, median of per-round ratios; ``streaming_seconds`` holds both medians).
+  The streaming loss recomputes S, P and Q in its backward: about 4/3 of the FLOPs, so ~0.75 is its ceiling.
+* ``loss_step_gib`` — peak RSS (``ru_maxrss``) of one vanilla training step above the baseline after imports and
+  inputs, per loss and m = 4096 … 32768 (d=256, N=1024), each in a fresh subprocess;
+  ``streaming_memory_growth`` / ``blocked_memory_growth`` divide the figure at m=32768 by that at m=8192.
+* ``largest_m_streaming`` / ``largest_m_blocked`` — the memory models' (``streaming_step_bound``,
+  ``paper_step_bound``) largest m at N=8192, d=1024 within ``--memory-gib`` minus ``--reserve-gib``; the one-time
+  check of the streaming figure is ``scripts/loss_figures.py --check-streaming``.
+
 Harvest, cache and training sections (every ratio from interleaved repeats in one run, median of per-round ratios):
 
 * ``harvest_speedup_vs_full_forward`` — a random 8-layer Qwen3 (hidden 256, batch 16 x 128; tiny in --quick) hooked

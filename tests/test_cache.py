@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,10 +14,20 @@ from safetensors.torch import load_file, save_file
 from bilae import Autoencoder
 from bilae import builders as B
 from bilae import train as T
+from bilae.analysis.session import predictions_note, sample_tokenizer, validation_sample
 from bilae.cache_reader import CachedTokens, read_meta, shard_paths
 from bilae.cache_writer import build_cache
 from bilae.errors import CheckpointError, DataError, UsageError
-from tests.support.configs import cache_cfg, cached_train_cfg, train_cfg
+from bilae.source import ActivationSource
+from tests.support.configs import (
+    TINY_ANALYZE,
+    TINY_FOR_CACHE,
+    cache_cfg,
+    cached_train_cfg,
+    cli,
+    cli_env,
+    train_cfg,
+)
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +244,83 @@ def test_existing_cache_is_not_overwritten_by_accident(fp16_cache: Path, tmp_pat
         build_cache(reading)
     with pytest.raises(UsageError, match="unknown cache dtype 'int8'"):
         build_cache(cache_cfg(tmp_path / "new", "cache.dtype=int8"))
+
+
+# ---------------------------------------------------------------------------------------- analysis sample
+def test_the_analysis_sample_comes_from_the_cache_alone(fp16_cache: Path, tmp_path: Path) -> None:
+    """The cached sample equals a live harvest of the same validation windows; predictions only with an LM."""
+    cfg = cache_cfg(fp16_cache)
+    harvester = B.build_harvester(cfg.model)
+    live = B.build_datamodule(cfg, harvester.tokenizer)
+    live.setup("validate")
+    ids, attention = live.val.input_ids[:6], live.val.attention_mask[:6]
+    acts, mask = harvester(ids, attention)
+
+    cached = B.build_datamodule(
+        cached_train_cfg(tmp_path, fp16_cache), tokenizer=None, activations=ActivationSource()
+    )
+    got_acts, got_mask, got_ids, got_attention = cached.sample_activations(6)
+    assert torch.equal(got_mask, mask) and torch.equal(got_ids, ids) and torch.equal(got_attention, attention)
+    torch.testing.assert_close(got_acts[mask], acts[mask], rtol=1e-3, atol=1e-3)
+    assert not got_acts[~mask].any()
+    assert len(cached.sample_activations(1000)[0]) == len(live.val.input_ids)  # all the split holds
+
+    batches = validation_sample(cached, 6, batch_size=4)  # training from a cache: no LM
+    assert [len(b) for b in batches] == [3, 3] and predictions_note(batches, None).startswith(
+        "absent: no language"
+    )
+    assert sample_tokenizer(cached).decode([101]) == harvester.tokenizer.decode(
+        [101]
+    )  # the cache's own tokenizer
+
+    with_lm = B.build_datamodule(
+        cached_train_cfg(tmp_path, fp16_cache),
+        tokenizer=harvester.tokenizer,
+        activations=ActivationSource(harvester),
+    )
+    batches = validation_sample(with_lm, 6, batch_size=6)  # bilae-analyze data=cache: the LM is loaded
+    (only,) = batches
+    expected = harvester.model(input_ids=ids, attention_mask=attention).logits.argmax(-1)
+    assert (
+        len(only) == 4
+        and torch.equal(only[3], expected)
+        and predictions_note(batches, harvester).startswith("shown")
+    )
+
+
+@pytest.mark.slow
+def test_a_cache_trained_run_and_bilae_analyze_on_it_show_manifolds_and_contexts(
+    fp16_cache: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    common = ["trainer.enable_progress_bar=false", "data.batch_tokens=200", "buffer_tokens=0", "logger=none"]
+    trained = subprocess.run(
+        cli("bilae.train", *TINY_FOR_CACHE, "data=cache", f"data.dir={fp16_cache}", *common, "steps=4",
+            "trainer.val_check_interval=4", "callbacks=default", "analysis.options.manifold.points=100",
+            f"hydra.run.dir={run}"),
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "no activation sample" not in trained.stderr and "skipped" not in trained.stderr, trained.stderr
+    report = (run / "report.html").read_text()
+    assert_manifolds_and_contexts(report)
+    assert "absent: no language model is loaded (the sample comes from the activation cache)" in report
+
+    analysed = subprocess.run(
+        cli("bilae.analyze", f"checkpoint={run}", *[o for o in TINY_ANALYZE if not o.startswith("data.")],
+            "logger=none", "data=cache",
+            f"data.dir={fp16_cache}", f"hydra.run.dir={tmp_path / 'analysis'}"),
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert analysed.returncode == 0, analysed.stderr[-3000:]
+    report = (tmp_path / "analysis" / "report.html").read_text()
+    assert_manifolds_and_contexts(report)
+    assert "shown in the manifold hover texts" in report  # the tiny Qwen3 has an LM head
+
+
+def assert_manifolds_and_contexts(report: str) -> None:
+    views = json.loads(re.search(r'id="manifold-data">(.*?)</script>', report, re.S).group(1))  # type: ignore[union-attr]
+    assert views and all(len(view["data"][0]["x"]) > 0 for view in views)
+    contexts = re.findall(r'white-space:pre">(.*?)</div>', report)
+    assert len(contexts) >= 4 and not any("##" in c for c in contexts), contexts[:4]
+    assert re.search(r"<b>sample</b></td><td>[1-9]\d* tokens", report)

@@ -13,7 +13,7 @@ from pathlib import Path
 import bilae
 
 PACKAGE = Path(bilae.__file__).resolve().parent
-ENTRY_POINTS = {"bilae.train", "bilae.analyze", "bilae.cache"}
+ENTRY_POINTS = {"bilae.train", "bilae.analyze", "bilae.cache", "bilae.sweep"}
 
 
 def module_name(path: Path) -> str:

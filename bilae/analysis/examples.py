@@ -1,7 +1,13 @@
 """Max- and min-activating contexts per latent, collected while streaming, and their display formats.
 
 Each kept example stores its context window (token ids before and after) at collection time, so nothing but
-the top-k per latent is ever held.
+the top-k per latent is ever held. Contexts are rendered in the tokenizer's own spelling of the whole window
+(:func:`~bilae.analysis.text.decode_pieces`).
+
+"max" and "min" follow the sign of the latent's signal. A bilinear latent f = (l·x̂)(r·x̂) can carry its signal
+in either sign, so the sign of a latent is that of its activation of largest magnitude in the sample: "max" are the
+k strongest activations in that direction (for a latent whose signal is negative, its most negative values) and
+"min" the k strongest in the other direction, each shown with its true signed value.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch
 from torch import Tensor
 
 from bilae.analysis.overlap import check_indices
-from bilae.analysis.text import PAD, decode_token, decode_tokens
+from bilae.analysis.text import PAD, decode_pieces
 from bilae.errors import DataError, UsageError
 
 Which = Literal["max", "min"]
@@ -42,9 +48,13 @@ class ActivationExamples:
     indices: Tensor
     """(n,) the latents."""
     max: ExampleSet
+    """The strongest examples in the direction of the latent's signal (most negative first when it is negative)."""
     min: ExampleSet
+    """The strongest examples in the other direction."""
     before: int
     after: int
+    signs: Tensor | None = None
+    """(n,) +1 or -1: the sign of each latent's activation of largest magnitude (``None``: all +1)."""
 
     def row(self, latent: int) -> int:
         """Row of ``latent`` in the example sets."""
@@ -66,6 +76,8 @@ class ContextRecord:
     before: list[str]
     token: str
     after: list[str]
+    sign: int = 1
+    """The sign of the latent's signal (-1: "max" holds its most negative values)."""
 
 
 @torch.no_grad()
@@ -111,19 +123,44 @@ def collect_examples(
         offset += acts.shape[0]
     if idx is None:
         raise DataError("no examples: the batches held no real (unmasked) tokens")
-    return ActivationExamples(indices=idx, max=kept["max"], min=kept["min"], before=before, after=after)
+    return by_signal(
+        ActivationExamples(indices=idx, max=kept["max"], min=kept["min"], before=before, after=after)
+    )
+
+
+def by_signal(examples: ActivationExamples) -> ActivationExamples:
+    """Make "max" the direction of each latent's signal: swap max and min of the latents whose activation of
+    largest magnitude is negative (see the module docstring); ``signs`` records which were swapped."""
+    top, bottom = examples.max, examples.min
+    signs = torch.where(top.values[:, 0] >= -bottom.values[:, 0], 1, -1)
+    flip = signs < 0
+
+    def pick(a: ExampleSet, b: ExampleSet) -> ExampleSet:
+        def take(name: str) -> Tensor:
+            x, y = getattr(a, name), getattr(b, name)
+            return torch.where(flip.view(-1, *([1] * (x.ndim - 1))), y, x)
+
+        return ExampleSet(take("values"), take("sequence"), take("position"), take("windows"))
+
+    return ActivationExamples(
+        indices=examples.indices, max=pick(top, bottom), min=pick(bottom, top), before=examples.before,
+        after=examples.after, signs=signs,
+    )  # fmt: skip
 
 
 def context_records(
     examples: ActivationExamples, tokenizer: Any, latent: int, which: Which = "max", k: int | None = None
 ) -> list[ContextRecord]:
-    """The examples of ``latent`` as :class:`ContextRecord` s (best first)."""
+    """The examples of ``latent`` as :class:`ContextRecord` s (best first), each window decoded as a whole."""
     if which not in ("max", "min"):
         raise UsageError(f"which must be 'max' or 'min', got {which!r}")
     sets, row = getattr(examples, which), examples.row(latent)
+    sign = 1 if examples.signs is None else int(examples.signs[row])
     records = []
     for j in range(sets.values.shape[1] if k is None else min(k, sets.values.shape[1])):
         window = sets.windows[row, j].tolist()
+        pieces = decode_pieces(tokenizer, window)
+        center = sum(1 for i in window[: examples.before] if i != PAD)  # the token itself is never PAD
         records.append(
             ContextRecord(
                 latent=latent,
@@ -131,9 +168,10 @@ def context_records(
                 value=float(sets.values[row, j]),
                 sequence=int(sets.sequence[row, j]),
                 position=int(sets.position[row, j]),
-                before=decode_tokens(tokenizer, window[: examples.before]),
-                token=decode_token(tokenizer, window[examples.before]),
-                after=decode_tokens(tokenizer, window[examples.before + 1 :]),
+                before=pieces[:center],
+                token=pieces[center],
+                after=pieces[center + 1 :],
+                sign=sign,
             )
         )
     return records
@@ -149,6 +187,8 @@ def to_ansi(record: ContextRecord) -> str:
 def to_html(records: Sequence[ContextRecord], title: str | None = None) -> str:
     """An HTML fragment: one line per record, the activating token in a coloured span (text escaped)."""
     scale = max((abs(r.value) for r in records), default=0.0) or 1.0
+    if title and any(r.sign < 0 for r in records):
+        title += " (negative signal: max shows its most negative values)"
     lines = [f"<div><b>{html.escape(title)}</b></div>"] if title else []
     for r in records:
         rgb = "34,139,34" if r.which == "max" else "200,40,40"
@@ -164,11 +204,12 @@ def to_html(records: Sequence[ContextRecord], title: str | None = None) -> str:
 
 
 def to_rows(records: Sequence[ContextRecord]) -> list[dict[str, Any]]:
-    """Table rows: latent, which, value, sequence, position, before, token, after."""
+    """Table rows: latent, which, sign, value, sequence, position, before, token, after."""
     return [
         {
             "latent": r.latent,
             "which": r.which,
+            "sign": r.sign,
             "value": r.value,
             "sequence": r.sequence,
             "position": r.position,

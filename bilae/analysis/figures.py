@@ -88,22 +88,36 @@ def atlas_figure(atlas: CompositeAtlas, title: str = "Composite atlas") -> go.Fi
     return fig.update_layout(template=TEMPLATE, title=title, xaxis_title="effective rank", margin=MARGIN)
 
 
-def pareto_figure(runs: Sequence[dict[str, Any]], x: str = "density", y: str = "mse") -> go.Figure:
-    """``y`` against ``x`` per kind (markers) with each kind's Pareto front (line), from :func:`load_sweep` rows."""
-    groups: dict[str, list[tuple[float, float]]] = {}
-    for run in runs:
+def pareto_figure(
+    runs: Sequence[dict[str, Any]], x: str = "density", y: str = "mse", labels: Sequence[str] | None = None
+) -> go.Figure:
+    """``y`` against ``x`` per kind (markers) with each kind's Pareto front (line), from :func:`load_sweep` rows.
+
+    ``labels`` (one per run, e.g. :func:`~bilae.analysis.sweep.labels`: the swept values) are written beside the
+    points and shown on hover.
+    """
+    groups: dict[str, list[tuple[float, float, str]]] = {}
+    for i, run in enumerate(runs):
         vx, vy = lookup(run, x), lookup(run, y)
         if vx is not None and vy is not None:
-            groups.setdefault(str(lookup(run, "kind") or "unknown"), []).append((float(vx), float(vy)))
+            label = labels[i] if labels is not None else ""
+            groups.setdefault(str(lookup(run, "kind") or "unknown"), []).append((float(vx), float(vy), label))
     if not groups:
         raise DataError(
             f"no run has both {x!r} and {y!r}; keys of the first run: {sorted(runs[0]) if runs else []}"
         )
     fig = go.Figure()
     for kind, points in sorted(groups.items()):
-        front = pareto_front(points)
+        front = pareto_front([(px, py) for px, py, _ in points])
+        texts = [label for _, _, label in points]
         fig.add_scatter(
-            x=[p[0] for p in points], y=[p[1] for p in points], mode="markers", name=kind, legendgroup=kind
+            x=[p[0] for p in points],
+            y=[p[1] for p in points],
+            mode="markers+text" if labels is not None else "markers",
+            text=texts if labels is not None else None,
+            textposition="top center",
+            name=kind,
+            legendgroup=kind,
         )
         fig.add_scatter(
             x=[p[0] for p in front],

@@ -76,20 +76,41 @@ def spectrum(matrix: Tensor) -> Spectrum:
     return Spectrum(eigenvalues=values[order], eigenvectors=vectors[:, order])
 
 
-@torch.no_grad()
-def latent_form(coder: Autoencoder, index: int, k: int = 5, weighted: bool = True) -> QuadraticForm:
-    """The default form of latent ``index``: S = top-``k`` latents by |G[index]|, weights G[index, S].
+WEIGHTS = ("uniform", "overlap", "abs_overlap")
+"""How a latent's form weighs its top-k overlapping latents S (``weights=``):
 
-    With ``weighted=False`` all weights are 1 (the seed notebook's unweighted sum).
-    Raises UsageError for an index outside 0..m-1, a bad ``k``, or a kind without a bottleneck.
+- ``uniform``: every weight 1, the seed notebook's ``einsum(coder.left[inds], coder.right[inds], ...)`` (default);
+- ``overlap``: the signed overlaps G[i, S] (MATH.md's "weights G[i, S]");
+- ``abs_overlap``: their magnitudes |G[i, S]| (the reference's figure code).
+"""
+
+
+def check_weights(weights: str) -> str:
+    """``weights`` if it names a weighting in :data:`WEIGHTS`, else a UsageError listing them."""
+    if weights not in WEIGHTS:
+        raise UsageError(f"unknown form weights {weights!r}; valid: {', '.join(WEIGHTS)}")
+    return weights
+
+
+@torch.no_grad()
+def latent_form(coder: Autoencoder, index: int, k: int = 5, weights: str = "uniform") -> QuadraticForm:
+    """The form of latent ``index``: S = top-``k`` latents by |G[index]|, weighted as ``weights`` says.
+
+    The default (``"uniform"``) is the seed notebook's unweighted sum of l_k r_kᵀ over S; ``"overlap"`` weighs
+    each by G[index, k] and ``"abs_overlap"`` by |G[index, k]| (see :data:`WEIGHTS`). Affine coders give lifted
+    (d+1)×(d+1) forms on z = [1, x̂].
+
+    Raises:
+        UsageError: an index outside 0..m-1, a bad ``k`` or ``weights``, or a kind without a bottleneck.
     """
+    check_weights(weights)
     m = coder.config.d_features
     check_indices(index, m)
     if not 1 <= k <= m:
         raise UsageError(f"k must be between 1 and the number of latents {m}, got {k}")
     row = overlap_rows(coder, [index])[0]
     indices = row.abs().topk(k).indices
-    weights = row[indices] if weighted else torch.ones_like(row[indices])
+    w = {"uniform": torch.ones_like(row[indices]), "overlap": row[indices], "abs_overlap": row[indices].abs()}
     left, right = latent_vectors(coder)
-    matrix = quadratic_form(left, right, indices, weights.to(left.dtype))
-    return QuadraticForm(matrix=matrix, indices=indices, weights=weights)
+    matrix = quadratic_form(left, right, indices, w[weights].to(left.dtype))
+    return QuadraticForm(matrix=matrix, indices=indices, weights=w[weights])

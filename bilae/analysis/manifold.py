@@ -1,7 +1,8 @@
 """Sampling the manifold of a quadratic form M from activations (pure and model-agnostic).
 
 For each real token: x̂ = x/‖x‖, coordinates = projections on the three eigenvectors of M with largest |λ|
-(from the weights, not PCA of the points), value = x̂ᵀMx̂. The top-k tokens by |value| are kept while
+(from the weights, not PCA of the points), value = x̂ᵀMx̂. A lifted (d+1)×(d+1) form (an affine coder's) acts on
+z = [1, x̂] instead. The top-k tokens by |value| are kept while
 streaming, so a sample never holds more than k + one batch of tokens.
 """
 
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from bilae.analysis.forms import QuadraticForm, Spectrum, spectrum, symmetrize
-from bilae.analysis.text import PAD, decode_token, decode_tokens
+from bilae.analysis.text import PAD, decode_token, decode_with_token
 from bilae.errors import DataError, UsageError
 
 # (acts (B, T, d), mask (B, T) bool, input_ids (B, T)[, predicted next ids (B, T)])
@@ -63,7 +64,7 @@ def sample_manifold(
     Args:
         batches: tuples ``(acts (B, T, d), mask (B, T), input_ids (B, T))``, optionally with a fourth
             ``(B, T)`` tensor of the model's predicted next tokens.
-        form: M (d×d; symmetrised here) or a :class:`QuadraticForm`.
+        form: M (d×d, or (d+1)×(d+1) on z = [1, x̂]; symmetrised here) or a :class:`QuadraticForm`.
         k: number of tokens to keep.
         context: tokens of left context to keep per point.
         axes: a precomputed spectrum of M (computed here otherwise).
@@ -104,7 +105,8 @@ def hover_texts(
         predictions = predictions.argmax(-1)
     texts = []
     for i in range(len(sample)):
-        text = f"…{''.join(decode_tokens(tokenizer, sample.context[i].tolist()))} [{decode_token(tokenizer, int(sample.token_ids[i]))}]"
+        context, token = decode_with_token(tokenizer, sample.context[i].tolist(), int(sample.token_ids[i]))
+        text = f"…{context} [{token}]"
         if predictions is not None:
             text += f" → {decode_token(tokenizer, int(predictions[i]))}"
         texts.append(text)
@@ -118,7 +120,7 @@ def _batch_top(
     _check_batch(acts, mask, ids, matrix)
     where = mask.nonzero()  # (N, 2) rows and positions of the real tokens
     x = acts[mask].to(matrix.dtype)
-    xhat = x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    xhat = lift_to(x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny), matrix)
     values = ((xhat @ matrix) * xhat).sum(-1)
     top = values.abs().topk(min(k, values.shape[0])).indices
     rows, pos = where[top, 0], where[top, 1]
@@ -148,8 +150,18 @@ def _check_batch(acts: Tensor, mask: Tensor, ids: Tensor, matrix: Tensor) -> Non
             f"a batch must be acts (B, T, d), mask (B, T), input_ids (B, T); got {tuple(acts.shape)}, "
             f"{tuple(mask.shape)}, {tuple(ids.shape)}"
         )
-    if acts.shape[-1] != matrix.shape[0]:
-        raise UsageError(f"activations have d={acts.shape[-1]} but the form is {tuple(matrix.shape)}")
+    if matrix.shape[0] not in (acts.shape[-1], acts.shape[-1] + 1):
+        raise UsageError(
+            f"activations have d={acts.shape[-1]} but the form is {tuple(matrix.shape)}; valid: (d, d), or "
+            "(d+1, d+1) for a lifted form on z = [1, x̂]"
+        )
+
+
+def lift_to(xhat: Tensor, matrix: Tensor) -> Tensor:
+    """x̂ itself for a d×d form, z = [1, x̂] for a lifted (d+1)×(d+1) one (an affine coder's).  (N, d) → (N, d|d+1)"""
+    if matrix.shape[0] == xhat.shape[-1]:
+        return xhat
+    return torch.cat([torch.ones_like(xhat[..., :1]), xhat], -1)
 
 
 def _merge(a: ManifoldSample, b: ManifoldSample, k: int) -> ManifoldSample:

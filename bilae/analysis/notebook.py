@@ -1,10 +1,13 @@
 """The seed notebook's interactive API: ``Feature`` (max-activating contexts) and ``Manifold`` (3-D views).
 
 Both take a ``harvest`` callable, ``harvest(input_ids, attention_mask) -> (acts (B, T, d), mask (B, T) bool)``
-(e.g. ``bilae.hooks.Harvester``), and token batches: an iterable of dicts with ``input_ids`` and
-``attention_mask``, or — with ``batch_size`` — a tokenised dataset (a Hugging Face ``Dataset`` or a dict of
-columns) that is sliced into batches, as in the seed: ``Feature(coder, tokenizer, dataset, harvest,
-max_steps=2**4, batch_size=2**5)``.
+(e.g. ``bilae.hooks.Harvester``; ``Feature`` uses ``coder.hooked`` when none is given), and a tokenised dataset
+(a Hugging Face ``Dataset``, a dict of columns or a list of rows) that is sliced into ``batch_size`` rows
+(32 by default; ``batch_size=None`` takes ``data`` as an iterable of ready batches). The seed's calls work as
+written::
+
+    vis = Feature(coder, tokenizer, dataset, max_steps=2**4, batch_size=2**5)
+    manifold = Manifold(dataset, coder.hooked, tokenizer, density, max_steps=2**5)
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def token_batches(
     """Dicts of ``input_ids``/``attention_mask`` tensors: ``data`` itself, or slices of it with ``batch_size``."""
     if batch_size is not None and batch_size <= 0:
         raise UsageError(f"batch_size must be positive, got {batch_size}")
-    batches = data if batch_size is None else _slices(data, batch_size)
+    batches = data if batch_size is None or _is_batches(data) else _slices(data, batch_size)
     for batch in islice(batches, max_steps):
         if isinstance(batch, list) and batch and isinstance(batch[0], Mapping):
             batch = {key: [row[key] for row in batch] for key in batch[0]}  # a slice of a list of rows
@@ -43,7 +46,9 @@ def token_batches(
                 f"a token batch must be a dict with 'input_ids' (and 'attention_mask'), got {type(batch).__name__}"
             )
         ids = _column(batch["input_ids"])
-        mask = _column(batch["attention_mask"]) if "attention_mask" in batch else torch.ones_like(ids)
+        mask = (
+            _column(batch["attention_mask"]) if "attention_mask" in batch else _column(batch["input_ids"], 1)
+        )
         yield {"input_ids": ids, "attention_mask": mask}
 
 
@@ -59,6 +64,19 @@ def activation_batches(
         yield (acts, mask.bool(), ids.to(acts.device), *extra)
 
 
+def _is_batches(data: Any) -> bool:
+    """Whether ``data`` already holds batches: an iterable that cannot be sliced (a generator, a loader) or a
+    list of dicts of 2-D ``input_ids``; otherwise it holds rows (or columns) to slice into batches."""
+    if isinstance(data, Mapping):
+        return False
+    if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+        return True
+    if not isinstance(data, (list, tuple)) or not data or not isinstance(data[0], Mapping):
+        return False
+    ids = data[0].get("input_ids")
+    return isinstance(ids, Tensor) and ids.ndim == 2
+
+
 def _slices(data: Any, size: int) -> Iterator[Any]:
     if isinstance(data, Mapping):
         n = len(data["input_ids"])
@@ -66,10 +84,19 @@ def _slices(data: Any, size: int) -> Iterator[Any]:
     return (data[i : i + size] for i in range(0, len(data), size))
 
 
-def _column(values: Any) -> Tensor:
-    if isinstance(values, (list, tuple)) and values and isinstance(values[0], Tensor):
-        return torch.stack(list(values))
-    return torch.as_tensor(values)
+def _column(values: Any, fill: int | None = None) -> Tensor:
+    """A (B, T) tensor of a batch's column; rows of unequal length (a ``Dataset`` padded per map batch) are
+    right-padded with 0, which the attention mask (padded the same way) marks as padding. ``fill`` replaces
+    the values (an all-ones mask of the same shape)."""
+    if isinstance(values, (list, tuple)) and values and all(torch.as_tensor(v).ndim == 1 for v in values):
+        rows = [torch.as_tensor(v) for v in values]
+    else:
+        column = torch.as_tensor(values)
+        return column if fill is None else torch.full_like(column, fill)
+    out = torch.zeros(len(rows), max(len(r) for r in rows), dtype=rows[0].dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row if fill is None else fill
+    return out
 
 
 def _in_notebook() -> bool:
@@ -89,16 +116,17 @@ class Feature:
         coder: Autoencoder,
         tokenizer: Any,
         data: Any,
-        harvest: Harvest,
+        harvest: Harvest | None = None,
         *,
         max_steps: int | None = None,
-        batch_size: int | None = None,
+        batch_size: int | None = 32,
         indices: Sequence[int] | None = None,
         k: int = 8,
         before: int = 8,
         after: int = 4,
     ) -> None:
         self.tokenizer = tokenizer
+        harvest = harvest or _hooked(coder)
         batches = activation_batches(token_batches(data, batch_size, max_steps), harvest)
         self.examples = collect_examples(batches, coder.features, indices, k=k, before=before, after=after)
 
@@ -142,7 +170,7 @@ class Manifold:
         form: Tensor | QuadraticForm,
         *,
         max_steps: int | None = None,
-        batch_size: int | None = None,
+        batch_size: int | None = 32,
         total: int = 2**15,
         context: int = 8,
         predict: Predict | None = None,
@@ -178,6 +206,17 @@ class Manifold:
                 "position": points.position.tolist(),
             }
         )
+
+
+def _hooked(coder: Autoencoder) -> Harvest:
+    """``coder.hooked`` (set by ``Autoencoder.load(model, layer=...)``), or a UsageError saying what to pass."""
+    hooked = getattr(coder, "hooked", None)
+    if hooked is None:
+        raise UsageError(
+            "Feature needs a harvest function: pass one (e.g. bilae.hooks.Harvester(model, tokenizer, layer)) "
+            "or load the coder with a model object, Autoencoder.load(model, layer=...), so coder.hooked exists"
+        )
+    return hooked
 
 
 def _on_cpu(harvest: Harvest) -> Harvest:

@@ -53,6 +53,9 @@ def bottleneck(source: nn.Module | Tensor) -> Tensor:
 def latent_vectors(coder: nn.Module) -> tuple[Tensor, Tensor]:
     """The (m, d) ``left`` and ``right`` matrices of a bilinear autoencoder (detached).
 
+    For an affine coder these are its lifted atoms L' = [a, L], R' = [c, R] (m, d + 1), which act on
+    z = [1, x̂]: its forms, composites and manifolds are then (d+1)×(d+1) (MATH.md, "Affine kind").
+
     Raises:
         UsageError: the autoencoder is not bilinear (the topk baseline has no left/right).
     """
@@ -63,6 +66,9 @@ def latent_vectors(coder: nn.Module) -> tuple[Tensor, Tensor]:
             f"a {kind!r} autoencoder has no left/right latent vectors; bilinear kinds: "
             "'vanilla', 'ordered', 'mixed' or 'combined'"
         )
+    atoms = getattr(coder, "atoms", None)
+    if callable(atoms):
+        left, right = atoms()
     return left.detach(), right.detach()
 
 

@@ -57,6 +57,10 @@ class Analysis:
     """Needs the model's next-token predictions (a causal LM)."""
     viewer: bool = False
     """Its figures go into the report's manifold viewer (one dropdown) instead of a section."""
+    needs_other: bool = False
+    """Needs a second autoencoder to compare with (``bilae-analyze compare=<checkpoint>``)."""
+    needs_option: str | None = None
+    """An option that must be set (not null), e.g. the planted ground truth of ``recovery``."""
 
     def options(self) -> dict[str, Any]:
         """The keyword options of ``fn`` and their defaults."""
@@ -73,6 +77,16 @@ class Analysis:
             return "skipped: the model has no LM head, so there are no next-token predictions"
         return None
 
+    def absent(self, session: AnalysisSession, options: dict[str, Any]) -> str | None:
+        """Why this opt-in analysis has nothing to work on: no second coder, or its required option unset."""
+        if self.needs_other and session.other is None:
+            return (
+                "skipped: no second autoencoder to compare with (bilae-analyze compare=<checkpoint folder>)"
+            )
+        if self.needs_option is not None and {**self.options(), **options}.get(self.needs_option) is None:
+            return f"skipped: option analysis.options.{self.name}.{self.needs_option} is not set"
+        return None
+
 
 ANALYSES: dict[str, Analysis] = {}
 
@@ -86,6 +100,8 @@ def register(
     needs_tokens: bool = False,
     needs_lm_head: bool = False,
     viewer: bool = False,
+    needs_other: bool = False,
+    needs_option: str | None = None,
     registry: dict[str, Analysis] | None = None,
 ) -> Callable[[AnalysisFn], AnalysisFn]:
     """Decorator: register ``fn(session, latents, **options)`` as analysis ``name`` (see :class:`Analysis`)."""
@@ -95,7 +111,16 @@ def register(
         if name in target:
             raise UsageError(f"analysis {name!r} is registered twice")
         target[name] = Analysis(
-            name, fn, title, note, needs_bottleneck, needs_tokens, needs_lm_head, viewer
+            name,
+            fn,
+            title,
+            note,
+            needs_bottleneck,
+            needs_tokens,
+            needs_lm_head,
+            viewer,
+            needs_other,
+            needs_option,
         )
         return fn
 
@@ -132,7 +157,9 @@ class AnalysisSettings:
         """From the ``analysis`` config node (a DictConfig or dict): known keys as fields, the rest as options."""
         from omegaconf import DictConfig, OmegaConf
 
-        data = OmegaConf.to_container(values, resolve=True) if isinstance(values, DictConfig) else dict(values)
+        data = (
+            OmegaConf.to_container(values, resolve=True) if isinstance(values, DictConfig) else dict(values)
+        )
         assert isinstance(data, dict)
         known = {k: data.pop(k) for k in ("run", "features", "n_features", "skip_densest", "sample_sequences")
                  if k in data}  # fmt: skip
@@ -140,9 +167,7 @@ class AnalysisSettings:
         return cls(**known, options=options)
 
 
-def selected(
-    settings: AnalysisSettings, registry: dict[str, Analysis] | None = None
-) -> list[Analysis]:
+def selected(settings: AnalysisSettings, registry: dict[str, Analysis] | None = None) -> list[Analysis]:
     """The analyses ``settings.run`` names (all registered ones when ``None``), checked, in registry order."""
     registry = ANALYSES if registry is None else registry
     names = list(registry) if settings.run is None else [str(n) for n in settings.run]
@@ -181,18 +206,23 @@ def run_analyses(
     """Run every selected analysis on ``session`` for ``latents``.
 
     An analysis whose needs are not met is skipped with its reason; ``strict`` makes asking for one by name
-    (``settings.run``) an error instead (``bilae-analyze``: the user asked for it explicitly).
+    (``settings.run``) an error instead (``bilae-analyze``: the user asked for it explicitly). An opt-in analysis
+    without its input (``compare`` without a second coder, ``recovery`` without planted manifolds) is left out
+    unless asked for by name.
     """
     results = []
     for analysis in selected(settings, registry):
-        reason = analysis.missing(session)
+        options = settings.options.get(analysis.name, {})
+        reason = analysis.missing(session) or analysis.absent(session, options)
+        if reason is not None and settings.run is None and analysis.absent(session, options) is not None:
+            continue
         if reason is not None and strict and settings.run is not None:
             raise UsageError(f"analysis {analysis.name!r} cannot run: {reason.removeprefix('skipped: ')}")
         if reason is not None:
             results.append(AnalysisResult(analysis, {}, reason, 0.0))
             continue
         start = time.perf_counter()
-        panels = analysis.fn(session, list(latents), **settings.options.get(analysis.name, {}))
+        panels = analysis.fn(session, list(latents), **options)
         results.append(AnalysisResult(analysis, panels, None, time.perf_counter() - start))
     return results
 

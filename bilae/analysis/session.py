@@ -87,16 +87,75 @@ def harvest_sample(
 def validation_sample(
     datamodule: Any, sequences: int, *, batch_size: int = 8, device: str | torch.device | None = None
 ) -> list[Batch]:
-    """The analysis sample of a run: its first ``sequences`` validation sequences, harvested once, with the
-    model's next-token predictions when it has an LM head. Empty when the data module has no LM (a cache)."""
+    """The analysis sample of a run: its first ``sequences`` validation sequences as activation batches
+    ``(acts (B, T, d), mask (B, T), input_ids (B, T)[, predictions (B, T)])``, with the model's next-token
+    predictions when an LM with a head is loaded.
+
+    A data module reading an activation cache gives the sample from the cache alone (its stored activations, token
+    ids and windows), with predictions only when an LM is loaded beside it (``bilae-analyze``). Empty when there is
+    neither a cache nor an LM.
+    """
     harvester = datamodule.activations.harvester
+    predict = None if harvester is None else next_token_predictor(harvester.model)
+    if hasattr(datamodule, "sample_activations"):
+        acts, mask, ids, attention = datamodule.sample_activations(sequences)
+        if harvester is not None and acts.shape[-1] != harvester.d_model:
+            raise DataError(
+                f"the activation cache holds d_model {acts.shape[-1]}, but the loaded model has d_model "
+                f"{harvester.d_model}; load the model the cache was harvested with"
+            )
+        where = device or (harvester.device if harvester is not None else "cpu")
+        return cached_sample(acts, mask, ids, attention, batch_size=batch_size, predict=predict, device=where)
     if harvester is None:
         return []
     ids, mask = datamodule.sample_tokens(sequences)
-    predict = next_token_predictor(harvester.model)
     return harvest_sample(
         harvester, ids, mask, batch_size=batch_size, predict=predict, device=device or harvester.device
     )
+
+
+def cached_sample(
+    acts: Tensor,
+    mask: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    batch_size: int = 8,
+    predict: Callable[[Tensor, Tensor], Tensor] | None = None,
+    device: str | torch.device = "cpu",
+) -> list[Batch]:
+    """Activation batches ``(acts, mask, ids[, predicted ids])`` of an already harvested sample (a cache).
+
+    Raises:
+        DataError: no real (unmasked) token.
+    """
+    if not bool(mask.any()):
+        raise DataError(f"the analysis sample is empty: {len(mask)} cached sequences hold no real tokens")
+    batches = []
+    for start in range(0, len(input_ids), batch_size):
+        part = slice(start, start + batch_size)
+        batch = [acts[part], mask[part], input_ids[part]]
+        if predict is not None:
+            batch.append(predict(input_ids[part], attention_mask[part]).cpu())
+        batches.append(tuple(t.to(device) for t in batch))
+    return batches
+
+
+def sample_tokenizer(datamodule: Any) -> Any:
+    """The tokenizer that decodes the sample's token ids: the LM's, else the cache's own (``None``: show ids)."""
+    tokenizer = datamodule.activations.tokenizer
+    if tokenizer is None and hasattr(datamodule, "display_tokenizer"):
+        tokenizer = datamodule.display_tokenizer()
+    return tokenizer
+
+
+def predictions_note(batches: Sequence[Batch], harvester: Any) -> str:
+    """What the report says about next-token predictions: shown, or why they are absent."""
+    if batches and all(len(b) > 3 for b in batches):
+        return "shown in the manifold hover texts (the model's own LM head)"
+    if harvester is None:
+        return "absent: no language model is loaded (the sample comes from the activation cache)"
+    return "absent: the model has no LM head"
 
 
 class AnalysisSession:
@@ -106,9 +165,16 @@ class AnalysisSession:
         coder: a bilinear autoencoder (any kind; overlaps, GED and the atlas need a bottleneck).
         batches: activation batches from :func:`harvest_sample` (may be empty for weight-only analyses).
         tokenizer: decodes token ids for hover texts and contexts (``None`` shows ids).
+        other: a second autoencoder to compare with (the ``compare`` analysis; ``bilae-analyze compare=...``).
     """
 
-    def __init__(self, coder: Autoencoder, batches: Sequence[Batch], tokenizer: Any = None) -> None:
+    def __init__(
+        self,
+        coder: Autoencoder,
+        batches: Sequence[Batch],
+        tokenizer: Any = None,
+        other: Autoencoder | None = None,
+    ) -> None:
         # Analyses want float32 (eigh has no bfloat16); the trained module is never touched.
         weight = next(coder.parameters())
         self.coder = coder if weight.dtype == torch.float32 else copy.deepcopy(coder).float()
@@ -116,9 +182,10 @@ class AnalysisSession:
         self.batches = [tuple(t.to(self.device) for t in b) for b in batches]
         self.tokenizer = CachedDecoder(tokenizer) if tokenizer is not None else None
         self.m = int(self.coder.config.d_features)
-        self._forms: dict[int, QuadraticForm] = {}
-        self._spectra: dict[int, Spectrum] = {}
-        self._manifolds: dict[tuple[int, int], tuple[ManifoldSample, list[str]]] = {}
+        self.other = other
+        self._forms: dict[tuple[int, str], QuadraticForm] = {}
+        self._spectra: dict[tuple[int, str], Spectrum] = {}
+        self._manifolds: dict[tuple[int, int, str], tuple[ManifoldSample, list[str]]] = {}
         self._examples: dict[tuple[int, ...], ActivationExamples] = {}
         self._atlases: dict[int | None, tuple[CompositeAtlas, Tensor]] = {}
 
@@ -200,32 +267,36 @@ class AnalysisSession:
         """G[latent] (m,)."""
         return overlap_rows(self.coder, [latent])[0]
 
-    def form(self, latent: int, k: int = 5) -> QuadraticForm:
-        """The latent's form: its top-``k`` overlaps weighted by G (with a bottleneck), else l rᵀ alone."""
-        if latent not in self._forms:
+    def form(self, latent: int, k: int = 5, weights: str = "uniform") -> QuadraticForm:
+        """The latent's form: its top-``k`` overlaps weighted as ``weights`` says (with a bottleneck, see
+        :func:`~bilae.analysis.forms.latent_form`), else l rᵀ alone."""
+        if (latent, weights) not in self._forms:
             if self.has_bottleneck:
-                self._forms[latent] = latent_form(self.coder, latent, k=min(k, self.m))
+                form = latent_form(self.coder, latent, k=min(k, self.m), weights=weights)
             else:
                 left, right = latent_vectors(self.coder)
                 idx = check_indices([latent], self.m)
-                matrix = quadratic_form(left, right, idx)
-                self._forms[latent] = QuadraticForm(matrix, idx, torch.ones(1, device=left.device))
-        return self._forms[latent]
+                form = QuadraticForm(quadratic_form(left, right, idx), idx, torch.ones(1, device=left.device))
+            self._forms[latent, weights] = form
+        return self._forms[latent, weights]
 
-    def spectrum(self, latent: int) -> Spectrum:
+    def spectrum(self, latent: int, weights: str = "uniform") -> Spectrum:
         """Eigen-decomposition of the latent's form, by |λ|."""
-        if latent not in self._spectra:
+        if (latent, weights) not in self._spectra:
             with one_thread():
-                self._spectra[latent] = spectrum(self.form(latent).matrix)
-        return self._spectra[latent]
+                self._spectra[latent, weights] = spectrum(self.form(latent, weights=weights).matrix)
+        return self._spectra[latent, weights]
 
-    def manifold(self, latent: int, k: int = 2000) -> tuple[ManifoldSample, list[str]]:
+    def manifold(
+        self, latent: int, k: int = 2000, weights: str = "uniform"
+    ) -> tuple[ManifoldSample, list[str]]:
         """The ``k`` sampled tokens with largest |x̂ᵀMx̂| on the latent's form, and their hover texts."""
-        if (latent, k) not in self._manifolds:
+        if (latent, k, weights) not in self._manifolds:
             self._require_sample()
-            sample = sample_manifold(self.batches, self.form(latent), k, axes=self.spectrum(latent))
-            self._manifolds[latent, k] = (sample, hover_texts(sample, self.tokenizer))
-        return self._manifolds[latent, k]
+            form, axes = self.form(latent, weights=weights), self.spectrum(latent, weights)
+            sample = sample_manifold(self.batches, form, k, axes=axes)
+            self._manifolds[latent, k, weights] = (sample, hover_texts(sample, self.tokenizer))
+        return self._manifolds[latent, k, weights]
 
     def examples(self, latents: Sequence[int], k: int = 5) -> ActivationExamples:
         """Max- and min-activating contexts of ``latents`` in the sample."""

@@ -36,18 +36,49 @@ def test_spectrum_is_eigvalsh_sorted_by_magnitude():
     assert torch.allclose(sym @ spec.top(1)[:, 0], spec.eigenvalues[0] * spec.top(1)[:, 0])
 
 
-def test_latent_form_uses_top_overlaps_as_weights(coder):
+def test_latent_form_defaults_to_the_notebooks_unweighted_sum(coder):
     g = overlap_matrix(coder)
     form = latent_form(coder, 4, k=5)
     expected_idx = g[4].abs().topk(5).indices
     assert form.indices.tolist() == expected_idx.tolist()
     assert 4 in form.indices.tolist()  # G[i, i] = 1 is always among the largest
-    assert torch.allclose(form.weights, g[4, expected_idx])
     left, right = coder.left.detach(), coder.right.detach()
-    direct = sum(g[4, k] * torch.outer(left[k], right[k]) for k in expected_idx)
-    assert torch.allclose(form.matrix, (direct + direct.T) / 2)
-    plain = latent_form(coder, 4, k=5, weighted=False)
-    assert torch.allclose(plain.weights, torch.ones(5, dtype=plain.weights.dtype))
+    # The seed: einsum(coder.left[inds], coder.right[inds], "out in1, out in2 -> in1 in2"), symmetrised.
+    density = left[expected_idx].T @ right[expected_idx]
+    assert torch.allclose(form.matrix, 0.5 * (density + density.T))
+    assert torch.allclose(form.weights, torch.ones(5, dtype=form.weights.dtype))
+
+
+@pytest.mark.parametrize(("weights", "transform"), [("overlap", lambda v: v), ("abs_overlap", torch.abs)])
+def test_latent_form_overlap_weightings(coder, weights, transform):
+    g = overlap_matrix(coder)
+    form = latent_form(coder, 4, k=5, weights=weights)
+    idx = g[4].abs().topk(5).indices
+    assert torch.allclose(form.weights, transform(g[4, idx]))
+    left, right = coder.left.detach(), coder.right.detach()
+    direct = sum(transform(g[4, k]) * torch.outer(left[k], right[k]) for k in idx)
+    assert torch.allclose(form.matrix, (direct + direct.T) / 2, atol=1e-6)
+
+
+def test_latent_form_unknown_weights_named():
+    coder = Autoencoder.from_config("mixed", d_model=6, layer=0, expansion=2)
+    with pytest.raises(
+        UsageError, match="unknown form weights 'signed'; valid: uniform, overlap, abs_overlap"
+    ):
+        latent_form(coder, 0, weights="signed")
+
+
+def test_affine_latent_form_is_lifted():
+    coder = Autoencoder.from_config("mixed", d_model=6, layer=0, expansion=2, affine=True)
+    with torch.no_grad():
+        coder.left_bias.normal_()
+        coder.right_bias.normal_()
+    form = latent_form(coder, 3, k=4)
+    assert form.matrix.shape == (7, 7)
+    xhat = torch.nn.functional.normalize(torch.randn(5, 6), dim=-1)
+    z = torch.cat([torch.ones(5, 1), xhat], 1)
+    f = coder.features(xhat)[:, form.indices].sum(-1)  # Σ_k (l_k·x̂ + a_k)(r_k·x̂ + c_k) = zᵀ M z
+    assert torch.allclose(((z @ form.matrix) * z).sum(-1), f, atol=1e-5)
 
 
 def test_feature_index_out_of_range_names_range(coder):

@@ -107,7 +107,7 @@ def test_empty_sample_is_a_data_error():
 def test_bad_inputs():
     batch = (torch.randn(1, 2, 4), torch.ones(1, 2, dtype=torch.bool), torch.zeros(1, 2, dtype=torch.long))
     with pytest.raises(UsageError, match="d=4"):
-        sample_manifold([batch], torch.eye(5), k=2)
+        sample_manifold([batch], torch.eye(6), k=2)
     with pytest.raises(UsageError, match="k must be positive"):
         sample_manifold([batch], torch.eye(4), k=0)
     with pytest.raises(UsageError, match=r"mask \(B, T\)"):

@@ -99,3 +99,49 @@ def test_manifold_with_predictions(dataset, harvest):
     first = manifold.sample
     assert first.predictions.tolist() == ((first.token_ids + 1) % 50).tolist()
     assert all("→" in text for text in manifold.hover)
+
+
+def test_feature_uses_coder_hooked_and_refuses_without_one(dataset, table, harvest):
+    coder = Autoencoder.from_config("mixed", d_model=D, layer=0, expansion=2)
+    with pytest.raises(UsageError, match=r"Feature needs a harvest function.*coder\.hooked"):
+        Feature(coder, Tok(), dataset)
+    coder.hooked = harvest
+    vis = Feature(coder, Tok(), dataset, max_steps=2, batch_size=4, k=3)  # the seed's argument list
+    expected = collect_examples(direct_batches(dataset, table, 4, 2), coder.features, k=3)
+    assert torch.allclose(vis.examples.max.values, expected.max.values)
+
+
+def test_hf_dataset_rows_are_batched_by_32_with_ragged_rows_padded(table, harvest):
+    from datasets import Dataset
+
+    lengths = [3 + i % 5 for i in range(70)]
+    rows = [{"text": "x", "input_ids": list(range(1, n + 1)), "attention_mask": [1] * n} for n in lengths]
+    dataset = Dataset.from_list(rows).with_format("torch")
+    batches = list(token_batches(dataset, batch_size=32))
+    assert [b["input_ids"].shape for b in batches] == [(32, 7), (32, 7), (6, 7)]
+    assert batches[0]["attention_mask"].sum(1).tolist() == lengths[:32]
+    manifold = Manifold(dataset, harvest, Tok(), torch.eye(D), total=10_000)  # batch_size defaults to 32
+    assert len(manifold.sample) == sum(lengths) and int(manifold.sample.sequence.max()) == 69
+
+
+def test_token_batches_take_iterables_of_batches_as_they_are(dataset):
+    batch = {"input_ids": dataset["input_ids"][:4], "attention_mask": dataset["attention_mask"][:4]}
+    assert [b["input_ids"].shape for b in token_batches(iter([batch, batch]), batch_size=32)] == [(4, 7)] * 2
+    assert [b["input_ids"].shape for b in token_batches([batch, batch], batch_size=32)] == [(4, 7)] * 2
+    no_mask = list(token_batches({"input_ids": dataset["input_ids"]}, batch_size=5))
+    assert no_mask[0]["attention_mask"].tolist() == [[1] * 7] * 5
+
+
+def test_manifold_accepts_a_lifted_form(dataset, table, harvest):
+    lifted = torch.randn(D + 1, D + 1)
+    manifold = Manifold(dataset, harvest, Tok(), lifted, batch_size=4, total=1000)
+    acts = table[dataset["input_ids"]][dataset["attention_mask"].bool()]
+    xhat = acts / acts.norm(dim=-1, keepdim=True)
+    z = torch.cat([torch.ones(len(xhat), 1), xhat], 1)
+    sym = (lifted + lifted.T) / 2
+    values = ((z @ sym) * z).sum(-1)
+    expected = values[values.abs().argsort(descending=True)]
+    assert torch.allclose(manifold.sample.values, expected, atol=1e-5)
+    assert manifold.sample.coords.shape == (len(expected), 3)
+    with pytest.raises(UsageError, match=r"d=6 but the form is \(8, 8\); valid: \(d, d\), or \(d\+1, d\+1\)"):
+        Manifold(dataset, harvest, Tok(), torch.eye(D + 2), batch_size=4)

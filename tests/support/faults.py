@@ -27,22 +27,29 @@ class KillAt(L.Callback):
         during: ``"step"`` (after the step), or ``"write"``: while the checkpoint of ``step`` named ``file`` is
             being written through the trainer's own checkpoint IO, after half of its bytes reached the disk.
         file: the checkpoint file whose write is interrupted (``during="write"``).
+        on_resume: also fire in a run resumed from a checkpoint (``False``: a resume that re-applies the run's
+            own overrides, ``+callbacks.fault...`` included, survives the fault that stopped the first attempt).
     """
 
     def __init__(
-        self, step: int, signal: str = "SIGKILL", during: str = "step", file: str = "last.ckpt"
-    ) -> None:
+        self, step: int, signal: str = "SIGKILL", during: str = "step", file: str = "last.ckpt",
+        on_resume: bool = True,
+    ) -> None:  # fmt: skip
         if during not in ("step", "write"):
             raise ValueError(f"during must be 'step' or 'write', got {during!r}")
         self.step, self.signal, self.during, self.file = step, getattr(signals, signal), during, file
+        self.on_resume = on_resume
         self.fired = False
 
     def fire(self) -> None:
         self.fired = True
         os.kill(os.getpid(), self.signal)
 
+    def armed(self, trainer: L.Trainer) -> bool:
+        return not self.fired and (self.on_resume or trainer.ckpt_path is None)
+
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if self.during == "step" and not self.fired and trainer.global_step == self.step:
+        if self.during == "step" and self.armed(trainer) and trainer.global_step == self.step:
             self.fire()
 
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
@@ -52,7 +59,11 @@ class KillAt(L.Callback):
         original = io_plugin.save_checkpoint
 
         def save_checkpoint(checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-            if checkpoint.get("global_step") == self.step and Path(path).name == self.file and not self.fired:
+            if (
+                checkpoint.get("global_step") == self.step
+                and Path(path).name == self.file
+                and self.armed(trainer)
+            ):
                 self.write_half_then_fire()
             original(checkpoint, path, storage_options)
 

@@ -5,6 +5,7 @@ wandb 0.31 has no public Python reader for offline runs, and the tests must chec
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -47,3 +48,34 @@ def history(run_dir: Path) -> list[dict[str, str]]:
                 {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
             )
     return steps
+
+
+def run_record(run_dir: Path) -> pb.RunRecord:
+    """The run's own record: id, display name, group and the config it started with."""
+    (log,) = run_dir.glob("run-*.wandb")
+    return next(r.run for r in records(log) if r.WhichOneof("record_type") == "run")
+
+
+def config(run_dir: Path) -> dict[str, object]:
+    """The run's config as logged: every key → its JSON-decoded value (nested dicts stay nested)."""
+    (log,) = run_dir.glob("run-*.wandb")
+    found: dict[str, object] = {}
+    for record in records(log):
+        kind = record.WhichOneof("record_type")
+        updates = (
+            record.run.config.update if kind == "run" else record.config.update if kind == "config" else []
+        )
+        for item in updates:
+            found[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return found
+
+
+def summary(run_dir: Path) -> dict[str, object]:
+    """The run's final summary: every key → its last JSON-decoded value."""
+    (log,) = run_dir.glob("run-*.wandb")
+    found: dict[str, object] = {}
+    for record in records(log):
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                found[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return found
