@@ -114,7 +114,7 @@ def test_benchmark_script_runs_quick():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).parents[1] / "scripts" / "bench_atlas.py"
+    script = Path(__file__).parents[2] / "scripts" / "bench_atlas.py"
     out = subprocess.run(
         [sys.executable, str(script), "--quick", "--sample", "2"], capture_output=True, text=True
     )

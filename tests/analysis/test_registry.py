@@ -84,7 +84,7 @@ def test_a_new_analysis_reaches_the_callback_bilae_analyze_and_the_report(dummy,
     assert "<h2>Dummy section</h2>" in text and "a test-only analysis" in text and "dummy figure" in text
 
     # ... and bilae-analyze, which creates no Lightning callback, on the exported coder.
-    (folder,) = (tmp_path / "run" / "autoencoder").iterdir()
+    folder = module.coder.save(tmp_path / "coder")
     report = A.run(analyze_cfg(tmp_path / "analyze", f"checkpoint={folder}", "analysis.run=[dummy,spectrum]"))
     text = report.read_text(encoding="utf-8")
     assert "<h2>Dummy section</h2>" in text and "<h2>Spectra</h2>" in text and "<h2>Overlaps</h2>" not in text
