@@ -92,7 +92,9 @@ class PoisonActivations(L.Callback):
         self.step = step
         self.poisoned = False
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        # A batch becomes activations when it reaches the device, before on_train_batch_start: poisoning the
+        # source after the step before makes the batch of step ``step`` the first NaN one.
         if trainer.global_step < self.step or self.poisoned:
             return
         source = trainer.datamodule.activations  # type: ignore[attr-defined]
