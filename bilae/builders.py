@@ -30,6 +30,7 @@ from bilae.hooks import Harvester
 from bilae.lm import load_lm
 from bilae.module import BilinearAutoencoderModule
 from bilae.optim import OptimizerConfig
+from bilae.resume import AdoptResumeRecord, is_resume_attempt
 from bilae.source import ActivationSource, ShuffleBuffer, SourcedDataModule
 from bilae.tracking import is_wandb, wandb_arguments
 from bilae.validation import check_train
@@ -208,7 +209,8 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """The ``callbacks`` group's callbacks and, with the progress bar on, the bar that counts optimiser steps.
+    """The ``callbacks`` group's callbacks, the bar that counts optimiser steps (with the progress bar on) and, for a
+    resume from a run's checkpoint alone, the callback that makes its record the run's once it trains.
 
     ``trainer.enable_checkpointing=false`` drops the checkpoint callbacks (Lightning refuses them then).
     """
@@ -217,6 +219,8 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
         callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
+    if cfg.get("ckpt_path") and is_resume_attempt():  # `ckpt_path=<run>/...` alone (bilae.resume)
+        callbacks.append(AdoptResumeRecord(cfg.paths.output_dir))
     return callbacks
 
 

@@ -6,15 +6,21 @@ the run was started with (``<run>/.hydra/overrides.yaml``), then any given now (
 and the checkpoint. The configuration this composes is checked against the one the run saved
 (``<run>/.hydra/config.yaml``): an override that would change the model's shape is refused with one line naming the
 key and both values, before anything is written.
+
+Hydra records a resume attempt in ``<run>/.hydra/resume/``; :class:`AdoptResumeRecord` makes it the run's record
+(``<run>/.hydra/``) only once the resumed run trains, so an attempt that fails (a mismatched seed, a bad value) never
+changes what the next ``ckpt_path=...`` resumes with.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from bilae.errors import CheckpointError, UsageError
@@ -29,6 +35,9 @@ SHAPE_KEYS = (
     "autoencoder.bottleneck",
     "autoencoder.affine",
 )
+RESUME_RECORD = ".hydra/resume"
+"""Where Hydra records a resume attempt (relative to the run directory) until the resumed run trains."""
+RECORD_FILES = ("config.yaml", "overrides.yaml", "hydra.yaml")
 _FLAGS_THAT_SKIP = {"-m", "--multirun", "-h", "--help", "--hydra-help", "-i", "--info"}
 _CKPT = re.compile(r"^\+{0,2}ckpt_path=(.*)$")
 _PLAIN = re.compile(r"^[\w./:-]+$")
@@ -64,7 +73,39 @@ def resume_arguments(args: Sequence[str]) -> list[str]:
     check_same_shape(run_dir, task)
     if not any(a.startswith("hydra.run.dir=") for a in hydra):
         hydra.append(f"hydra.run.dir={quote(str(run_dir))}")
+    if not any(a.startswith("hydra.output_subdir=") for a in hydra):
+        hydra.append(f"hydra.output_subdir={RESUME_RECORD}")
     return [*flags, *task, f"ckpt_path={quote(str(checkpoint))}", *hydra]
+
+
+class AdoptResumeRecord(L.Callback):
+    """Once a resumed run trains, its attempt's record (``.hydra/resume/``) becomes the run's (``.hydra/``).
+
+    Args:
+        run_dir: the run directory.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            adopt_resume_record(self.run_dir)
+
+
+def adopt_resume_record(run_dir: Path) -> None:
+    """Move the files of ``<run>/.hydra/resume/`` over those of ``<run>/.hydra/`` (each rename is atomic)."""
+    staged = run_dir / RESUME_RECORD
+    for name in RECORD_FILES:
+        if (staged / name).is_file():
+            os.replace(staged / name, run_dir / ".hydra" / name)
+
+
+def is_resume_attempt() -> bool:
+    """Whether the running Hydra job is a resume that :func:`resume_arguments` set up."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and HydraConfig.get().output_subdir == RESUME_RECORD
 
 
 def find_run(path: Path) -> tuple[Path, Path] | None:

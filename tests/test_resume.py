@@ -9,8 +9,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from bilae import CheckpointError, UsageError
-from bilae.resume import find_run, merge_overrides, quote, resume_arguments
+from bilae.resume import adopt_resume_record, find_run, merge_overrides, quote, resume_arguments
 from tests.support.configs import TINY, composed
+
+RECORD = "hydra.output_subdir=.hydra/resume"  # a resume attempt's record, the run's own only once it trains
 
 
 def fake_run(root: Path, overrides: list[str]) -> Path:
@@ -31,7 +33,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_checkpoint_alone_brings_back_the_runs_overrides_directory_and_checkpoint(run_dir: Path) -> None:
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     args = resume_arguments([f"ckpt_path={ckpt}"])
-    assert args == [*TINY, "steps=16", f"ckpt_path={ckpt}", f"hydra.run.dir={run_dir}"]
+    assert args == [*TINY, "steps=16", f"ckpt_path={ckpt}", f"hydra.run.dir={run_dir}", RECORD]
 
 
 def test_overrides_given_again_win_and_flags_stay(run_dir: Path) -> None:
@@ -39,10 +41,10 @@ def test_overrides_given_again_win_and_flags_stay(run_dir: Path) -> None:
     args = resume_arguments(["--cfg", "job", "steps=32", f"ckpt_path={ckpt}", "hydra.job.chdir=false"])
     assert args[:2] == ["--cfg", "job"]
     assert "steps=16" not in args and args.count("steps=32") == 1
-    assert args[-2:] == ["hydra.job.chdir=false", f"hydra.run.dir={run_dir}"]
+    assert args[-3:] == ["hydra.job.chdir=false", f"hydra.run.dir={run_dir}", RECORD]
     # An explicit run directory is the user's choice.
     args = resume_arguments([f"ckpt_path={ckpt}", "hydra.run.dir=/elsewhere"])
-    assert args[-1] == "hydra.run.dir=/elsewhere" and not any(a == f"hydra.run.dir={run_dir}" for a in args)
+    assert "hydra.run.dir=/elsewhere" in args and f"hydra.run.dir={run_dir}" not in args
 
 
 def test_a_run_directory_resumes_from_its_newest_checkpoint(run_dir: Path, tmp_path: Path) -> None:
@@ -52,7 +54,11 @@ def test_a_run_directory_resumes_from_its_newest_checkpoint(run_dir: Path, tmp_p
     interrupted.write_bytes(b"saved on SIGTERM")
     os.utime(run / "checkpoints" / "last.ckpt", (1, 1))  # older than the exception checkpoint
     assert find_run(run) == (interrupted, run)
-    assert resume_arguments([f"ckpt_path={run}"])[-2:] == [f"ckpt_path={interrupted}", f"hydra.run.dir={run}"]
+    assert resume_arguments([f"ckpt_path={run}"])[-3:] == [
+        f"ckpt_path={interrupted}",
+        f"hydra.run.dir={run}",
+        RECORD,
+    ]
 
 
 def test_a_shape_change_is_refused_with_the_key_and_both_values(run_dir: Path) -> None:
@@ -110,3 +116,15 @@ def test_merging_and_quoting() -> None:
     ]
     assert quote("/tmp/run-1/x.ckpt") == "/tmp/run-1/x.ckpt"
     assert quote("/tmp/my run/x.ckpt") == "'/tmp/my run/x.ckpt'"
+
+
+def test_a_resume_that_trains_becomes_the_runs_record(tmp_path: Path) -> None:
+    run = fake_run(tmp_path / "run", [*TINY, "steps=16"])
+    (run / ".hydra" / "resume").mkdir()
+    OmegaConf.save(OmegaConf.create([*TINY, "steps=32"]), run / ".hydra" / "resume" / "overrides.yaml")
+    assert "steps=16" in resume_arguments(
+        [f"ckpt_path={run}"]
+    )  # an attempt that never trained changes nothing
+    adopt_resume_record(run)  # what AdoptResumeRecord does when the resumed run starts training
+    args = resume_arguments([f"ckpt_path={run}"])
+    assert "steps=32" in args and "steps=16" not in args

@@ -128,6 +128,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_alone(tmp_path: Path) -> None:
     assert f"step {STEPS}/{STEPS}" in resumed.stdout and f"run directory:  {run}" in resumed.stdout
     assert not (tmp_path / "outputs").exists(), "the resume wrote a new run directory"
     assert json.loads((run / "metrics.json").read_text())["steps"] == STEPS
+    # The resumed attempt trained, so its record (with the checkpoint) is now the run's.
+    assert f"ckpt_path={last}" in (run / ".hydra" / "overrides.yaml").read_text()
     # The killed run's log may end before its first records (SIGKILL): its directory name carries its id.
     stored = json.loads((run / "wandb-run.json").read_text())["id"]
     assert first.name.endswith(f"-{stored}")
